@@ -1,0 +1,11 @@
+// The FFI handler symbols the nanobind module hands to JAX.
+#pragma once
+
+#include "xla/ffi/api/c_api.h"
+
+namespace flute_jax {
+extern "C" XLA_FFI_Error* QgemmCpu(XLA_FFI_CallFrame* call_frame);
+#ifdef FLUTE_JAX_WITH_CUDA
+extern "C" XLA_FFI_Error* QgemmCuda(XLA_FFI_CallFrame* call_frame);
+#endif
+}  // namespace flute_jax

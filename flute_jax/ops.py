@@ -1,0 +1,46 @@
+"""Public ``qgemm(x, qw)``: validation, leading dims, dtype handling."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from .primitive import qgemm_p
+from .quantize import QuantizedWeight, check_activation_dtype
+
+
+def qgemm(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
+    """``y = x @ W_hat`` for a LUT-quantized weight.
+
+    Args:
+      x: ``[..., K]`` float16, bfloat16 or float32.
+      qw: a :class:`QuantizedWeight` of logical shape ``(K, N)``.
+    Returns:
+      ``[..., N]`` in x's dtype; float32 accumulation. Scales and table are cast to x's
+      dtype if they are stored in another one.
+    Raises:
+      TypeError / ValueError at trace time for a bad dtype, shape or weight.
+    """
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"qw must be a flute_jax.QuantizedWeight, got {type(qw).__name__}")
+    qw.validate()
+    x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
+    check_activation_dtype(x.dtype, "x dtype")
+    k, n = qw.shape
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise ValueError(f"x must have shape [..., {k}] for a weight of shape {qw.shape}, got {x.shape}")
+    lead = x.shape[:-1]
+    m = math.prod(lead)
+    if m == 0:
+        return jnp.zeros((*lead, n), x.dtype)
+    y = qgemm_p.bind(
+        x.reshape(m, k),
+        qw.codes,
+        qw.scales.astype(x.dtype),
+        qw.table.astype(x.dtype),
+        bits=qw.bits,
+        group_size=qw.group_rows,
+    )
+    return y.reshape(*lead, n)

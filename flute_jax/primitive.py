@@ -1,0 +1,51 @@
+"""The ``flute_qgemm`` JAX primitive: abstract evaluation and lowering to XLA FFI.
+
+Operands (all arrays; checked in :mod:`flute_jax.ops` before binding):
+  x      ``[M, K]`` float16 / bfloat16 / float32
+  codes  ``uint32[ceil(K/256), ceil(N/16), 128*bits]`` (packed layout)
+  scales ``[G, N]`` in x's dtype
+  table  ``[2**bits]`` in x's dtype
+Params: ``bits`` and ``group_size`` (K rows per scale group, already resolved from -1).
+Result: ``y [M, N]`` in x's dtype; K comes from x, N from scales.
+
+The CPU lowering calls the threaded C++ handler; the CUDA lowering the CUDA
+handler. Both compute the same function (float32 accumulation).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+from . import _ffi
+
+qgemm_p = Primitive("flute_qgemm")
+
+
+def _abstract_eval(x, codes, scales, table, *, bits: int, group_size: int):
+    return jax.core.ShapedArray((x.shape[0], scales.shape[1]), x.dtype)
+
+
+def _impl(x, codes, scales, table, *, bits: int, group_size: int):
+    # Eager calls go through a jit of the primitive, which lowers to the FFI call.
+    return jax.jit(functools.partial(qgemm_p.bind, bits=bits, group_size=group_size))(
+        x, codes, scales, table
+    )
+
+
+_ffi_lowering = jax.ffi.ffi_lowering(_ffi.QGEMM_TARGET)
+
+
+def _lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
+    return _ffi_lowering(ctx, x, codes, scales, table, bits=np.int64(bits), group_size=np.int64(group_size))
+
+
+qgemm_p.def_abstract_eval(_abstract_eval)
+qgemm_p.def_impl(_impl)
+mlir.register_lowering(qgemm_p, _lowering, platform="cpu")
+if _ffi.with_cuda:
+    mlir.register_lowering(qgemm_p, _lowering, platform="cuda")
