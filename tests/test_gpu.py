@@ -1,0 +1,63 @@
+"""qgemm on a CUDA GPU against the float64 reference (skipped without a GPU).
+
+Run on a GPU machine with:  pytest -q tests/test_gpu.py
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flute_jax as fj
+from conftest import gpu_available, reference_qgemm, rel_error
+from qgemm_checks import check_qgemm, random_weight
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU"),
+]
+
+BITS = (2, 3, 4)
+GROUP_SIZES = (32, 64, 128, 256, -1)
+DTYPES = ("float16", "bfloat16", "float32")
+SHAPES = ((1000, 300), (72, 8), (513, 17), (4096, 128))
+LEADS = ((1,), (3,), (17,), (64,), (2, 3))
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    return jax.devices("gpu")[0]
+
+
+@pytest.mark.parametrize("bits,group_size,dtype", list(itertools.product(BITS, GROUP_SIZES, DTYPES)))
+def test_qgemm_gpu_matches_reference(rng, gpu, bits, group_size, dtype):
+    for k, n in SHAPES:
+        for lead in LEADS:
+            check_qgemm(rng, gpu, k, n, lead, bits, group_size, dtype, repeats=3)
+
+
+def test_gpu_equals_cpu_function(rng, gpu):
+    # Same inputs on both platforms: both within tolerance of the reference and of each other.
+    qw = random_weight(rng, 777, 99, 3, 64, jnp.float32)
+    x = jnp.asarray(rng.standard_normal((5, 777)), jnp.float32)
+    y_cpu = np.asarray(jax.jit(fj.qgemm)(jax.device_put(x, jax.devices("cpu")[0]),
+                                         jax.device_put(qw, jax.devices("cpu")[0])))
+    y_gpu = np.asarray(jax.jit(fj.qgemm)(jax.device_put(x, gpu), jax.device_put(qw, gpu)))
+    ref = reference_qgemm(np.asarray(x), qw)
+    assert rel_error(y_cpu, ref) < 1e-5 and rel_error(y_gpu, ref) < 1e-5
+
+
+def test_gpu_nan_propagates(rng, gpu):
+    qw = jax.device_put(random_weight(rng, 512, 64, 4, 128, jnp.bfloat16), gpu)
+    x = np.asarray(rng.standard_normal((3, 512)), np.float32)
+    x[1, 100] = np.nan
+    y = np.asarray(jax.jit(fj.qgemm)(jax.device_put(jnp.asarray(x, jnp.bfloat16), gpu), qw), np.float32)
+    assert np.all(np.isnan(y[1])) and np.all(np.isfinite(y[[0, 2]]))
+
+
+def test_gpu_empty_batch(rng, gpu):
+    qw = jax.device_put(random_weight(rng, 256, 32, 2, 64, jnp.float16), gpu)
+    y = jax.jit(fj.qgemm)(jax.device_put(jnp.zeros((0, 256), jnp.float16), gpu), qw)
+    assert y.shape == (0, 32)
