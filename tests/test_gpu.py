@@ -33,9 +33,18 @@ def gpu():
 
 @pytest.mark.parametrize("bits,group_size,dtype", list(itertools.product(BITS, GROUP_SIZES, DTYPES)))
 def test_qgemm_gpu_matches_reference(rng, gpu, bits, group_size, dtype):
-    for k, n in SHAPES:
-        for lead in LEADS:
-            check_qgemm(rng, gpu, k, n, lead, bits, group_size, dtype, repeats=3)
+    # Rotated like the CPU test so the grid covers every shape and M without
+    # compiling every combination.
+    i = BITS.index(bits) * 7 + GROUP_SIZES.index(group_size) * 3 + DTYPES.index(dtype)
+    for j in range(2):
+        k, n = SHAPES[(i + j) % len(SHAPES)]
+        check_qgemm(rng, gpu, k, n, LEADS[(i + 3 * j) % len(LEADS)], bits, group_size, dtype, repeats=3)
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("lead", LEADS)
+def test_every_shape_and_m(rng, gpu, k, n, lead):
+    check_qgemm(rng, gpu, k, n, lead, 4, 128, "bfloat16", table_kind="nf", repeats=3)
 
 
 def test_gpu_equals_cpu_function(rng, gpu):
