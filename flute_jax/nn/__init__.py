@@ -7,8 +7,24 @@
 See docs/flax.md.
 """
 
+from . import checkpoint
+from .checkpoint import metadata as checkpoint_metadata
+from .checkpoint import restore, save
 from .convert import quantize_params, quantized_paths, tree_bytes
 from .linen import FluteDense
 from ._common import leaf_axes
+from .nnx import FluteLinear, quantize_model
 
-__all__ = ["FluteDense", "leaf_axes", "quantize_params", "quantized_paths", "tree_bytes"]
+__all__ = [
+    "FluteDense",
+    "FluteLinear",
+    "checkpoint",
+    "checkpoint_metadata",
+    "leaf_axes",
+    "quantize_model",
+    "quantize_params",
+    "quantized_paths",
+    "restore",
+    "save",
+    "tree_bytes",
+]
