@@ -357,23 +357,23 @@ def calibrate(
 
     Args:
       params: a Flax param tree (nested mappings, e.g. ``variables["params"]`` or the whole
-        ``{"params": ...}``). Every leaf named ``kernel`` with ``ndim`` 2 (``[K, N]``) or
-        3 (stacked / scanned layers, ``[L, K, N]``) *that has activations* is calibrated.
+        ``{"params": ...}``). Every leaf named ``kernel`` with shape ``[K, N]`` or ``[*L, K, N]`` (layers stacked by ``nn.scan`` /
+        ``nn.vmap``; leading axes are layer axes) *that has activations* is calibrated.
       activations: per-layer inputs, keyed by the kernel's module path, either nested like
         the params (``{"layers_0": {"Dense_0": x}}``, optionally ending in ``"kernel"``) or
         flat with ``"/"``-joined keys (``{"layers_0/Dense_0": x}``). A path relative to a
-        top-level ``"params"`` collection also matches. Shapes: ``[..., K]`` for a 2-D
-        kernel, ``[L, ..., K]`` (one batch per stacked layer) for a 3-D one.
+        top-level ``"params"`` collection also matches. Shapes: ``[..., K]`` for a ``[K, N]``
+        kernel, ``[*L, ..., K]`` (one batch per stacked layer) for a stacked one.
       bits, group_size, table, dtype, learn_table, steps, learning_rate: see
         :func:`calibrate_kernel`.
       progress: one tqdm progress bar per layer (per stacked slice).
-      return_report: also return ``{module path (+ "[l]" for stacked): LayerReport}``.
+      return_report: also return ``{module path (+ "[l]" per stacked layer): LayerReport}``.
 
     Returns:
       A new param tree (plain dicts) where each calibrated ``kernel`` is a
       :class:`QuantizedWeight`; for a stacked kernel, one QuantizedWeight whose array
-      leaves carry a leading ``L`` axis (static metadata ``shape=(K, N)`` per layer), the
-      form ``jax.vmap`` / ``lax.scan`` over layers consume. Kernels without activations
+      leaves carry the leading ``L`` axes (static metadata ``shape=(K, N)`` per layer), the
+      form ``flute_jax.nn.quantize_params`` gives and ``nn.scan`` / ``jax.vmap`` consume. Kernels without activations
       and all other leaves are returned unchanged. Raises ValueError for activations that
       match no kernel or have the wrong shape.
     """
@@ -406,25 +406,28 @@ def calibrate(
         if module not in index:
             continue
         kernel, x = flat[path], index[module]
-        if not hasattr(kernel, "ndim") or kernel.ndim not in (2, 3):
-            raise ValueError(f"kernel {module!r} must be [K, N] or stacked [L, K, N], got {getattr(kernel, 'shape', None)}")
+        if not hasattr(kernel, "ndim") or kernel.ndim < 2:
+            raise ValueError(f"kernel {module!r} must be [K, N] or stacked [*L, K, N], got {getattr(kernel, 'shape', None)}")
         if kernel.ndim == 2:
             qw, rep = calibrate_kernel(kernel, x, name=module, **options)
             out[path], reports[module] = qw, rep
             continue
-        n_layers = kernel.shape[0]
-        if not hasattr(x, "shape") or len(x.shape) < 2 or x.shape[0] != n_layers:
+        lead, (k, n) = tuple(kernel.shape[:-2]), kernel.shape[-2:]
+        if not hasattr(x, "shape") or len(x.shape) < len(lead) + 1 or tuple(x.shape[: len(lead)]) != lead:
             raise ValueError(
-                f"stacked kernel {module!r} of shape {tuple(kernel.shape)} needs activations [{n_layers}, ..., "
-                f"{kernel.shape[1]}], got {getattr(x, 'shape', None)}"
+                f"stacked kernel {module!r} of shape {tuple(kernel.shape)} needs activations "
+                f"[{', '.join(map(str, lead))}, ..., {k}] (one batch per layer), got {getattr(x, 'shape', None)}"
             )
+        kernels_flat = jnp.reshape(jnp.asarray(kernel), (-1, k, n))
+        x_flat = jnp.reshape(jnp.asarray(x), (kernels_flat.shape[0], -1, x.shape[-1]))
         slices = []
-        for layer in range(n_layers):
-            label = f"{module}[{layer}]"
-            qw, rep = calibrate_kernel(kernel[layer], x[layer], name=label, **options)
+        for layer in range(kernels_flat.shape[0]):
+            label = f"{module}[{', '.join(map(str, np.unravel_index(layer, lead)))}]"
+            qw, rep = calibrate_kernel(kernels_flat[layer], x_flat[layer], name=label, **options)
             slices.append(qw)
             reports[label] = rep
-        out[path] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *slices)
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *slices)
+        out[path] = jax.tree.map(lambda leaf: jnp.reshape(leaf, lead + leaf.shape[1:]), stacked)
     result = _unflatten(out)
     return (result, reports) if return_report else result
 
