@@ -3,6 +3,10 @@
 #include <nanobind/nanobind.h>
 
 #include "qgemm_handlers.h"
+#include "qgemm_plan.h"
+#ifdef FLUTE_JAX_WITH_CUDA
+#include "qgemm_flute.h"
+#endif
 
 namespace nb = nanobind;
 
@@ -25,6 +29,20 @@ NB_MODULE(_flute_ffi, m) {
     targets["flute_qgemm"] = Capsule(flute_jax::QgemmCuda);
 #endif
     return targets;
+  });
+  // The CUDA handler's plan for a call, for the lowering's workspace size and for tests.
+  m.def("cuda_plan", [](int64_t m_rows, int64_t k, int64_t n, int64_t group_rows, bool is_half) {
+    int sm_count = 0;
+#ifdef FLUTE_JAX_WITH_CUDA
+    sm_count = flute_jax::CudaSmCount();
+#endif
+    const flute_jax::FlutePlan plan = flute_jax::PlanFlute(m_rows, k, n, group_rows, is_half, sm_count);
+    nb::dict out;
+    out["kernel"] = plan.fast ? "flute" : "simple";
+    out["grid"] = plan.grid;
+    out["workspace_bytes"] = plan.workspace_bytes;
+    out["sm_count"] = sm_count;
+    return out;
   });
 #ifdef FLUTE_JAX_WITH_CUDA
   m.attr("with_cuda") = true;

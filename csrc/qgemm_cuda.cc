@@ -1,6 +1,7 @@
-// CUDA qgemm FFI handler: checks arguments, picks a kernel, reports launch
-// errors through the FFI error return. No allocation, no host sync, so it is
-// safe inside CUDA graphs (registered command-buffer compatible).
+// CUDA qgemm FFI handler: checks arguments, picks a kernel (qgemm_plan.h),
+// reports launch errors through the FFI error return. No allocation and no host
+// sync: the Stream-K workspace is a second result buffer that XLA allocates, so
+// the handler is safe inside CUDA graphs (registered command-buffer compatible).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -8,6 +9,7 @@
 #include <string>
 
 #include "qgemm_args.h"
+#include "qgemm_flute.h"
 #include "qgemm_handlers.h"
 #include "qgemm_simple.h"
 
@@ -26,13 +28,25 @@ cudaError_t Launch(cudaStream_t stream, const ffi::AnyBuffer& x, const ffi::Buff
 
 ffi::Error QgemmCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> codes,
                          ffi::AnyBuffer scales, ffi::AnyBuffer table,
-                         ffi::Result<ffi::AnyBuffer> y, int64_t bits, int64_t group_size) {
+                         ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Buffer<ffi::U8>> workspace,
+                         int64_t bits, int64_t group_size) {
   QgemmDims d;
   if (ffi::Error err = CheckQgemmArgs(x, codes, scales, table, *y, bits, group_size, &d);
       err.failure())
     return err;
   if (d.m == 0) return ffi::Error::Success();
+  const auto type = x.element_type();
+  const FlutePlan plan = PlanFlute(d.m, d.k, d.n, d.group_rows, type != ffi::DataType::F32, CudaSmCount());
   cudaError_t status;
+  if (plan.fast && static_cast<int64_t>(workspace->size_bytes()) >= plan.workspace_bytes) {
+    status = LaunchQgemmFlute(stream, type == ffi::DataType::BF16, x.untyped_data(), codes.typed_data(),
+                              scales.untyped_data(), table.untyped_data(), y->untyped_data(),
+                              workspace->untyped_data(), workspace->size_bytes(), d, plan);
+    if (status != cudaSuccess)
+      return ffi::Error::Internal(std::string("flute_qgemm: CUDA launch failed: ") +
+                                  cudaGetErrorString(status));
+    return ffi::Error::Success();
+  }
   switch (x.element_type()) {
     case ffi::DataType::F32: status = Launch<float>(stream, x, codes, scales, table, *y, d); break;
     case ffi::DataType::BF16:
@@ -57,6 +71,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QgemmCuda, QgemmCudaImpl,
                                   .Arg<ffi::AnyBuffer>()         // scales [G, N]
                                   .Arg<ffi::AnyBuffer>()         // table [2**bits]
                                   .Ret<ffi::AnyBuffer>()         // y [M, N]
+                                  .Ret<ffi::Buffer<ffi::U8>>()   // Stream-K workspace
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("group_size"),
                               {ffi::Traits::kCmdBufferCompatible});

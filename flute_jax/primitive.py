@@ -44,8 +44,22 @@ def _lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
     return _ffi_lowering(ctx, x, codes, scales, table, bits=np.int64(bits), group_size=np.int64(group_size))
 
 
+def _cuda_lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
+    # The CUDA handler takes a second result: the Stream-K workspace (partial sums
+    # and arrival counters). XLA allocates it like any temporary, so the handler
+    # never allocates and stays CUDA-graph safe. Its size comes from the same C++
+    # plan the handler follows; only y is returned.
+    x_aval, scales_aval = ctx.avals_in[0], ctx.avals_in[2]
+    m, k = x_aval.shape
+    plan = _ffi.cuda_plan(m, k, scales_aval.shape[1], group_size, x_aval.dtype.itemsize == 2)
+    workspace = jax.core.ShapedArray((max(16, plan["workspace_bytes"]),), np.uint8)
+    ctx = ctx.replace(avals_out=[ctx.avals_out[0], workspace])
+    y, _ = _ffi_lowering(ctx, x, codes, scales, table, bits=np.int64(bits), group_size=np.int64(group_size))
+    return [y]
+
+
 qgemm_p.def_abstract_eval(_abstract_eval)
 qgemm_p.def_impl(_impl)
 mlir.register_lowering(qgemm_p, _lowering, platform="cpu")
 if _ffi.with_cuda:
-    mlir.register_lowering(qgemm_p, _lowering, platform="cuda")
+    mlir.register_lowering(qgemm_p, _cuda_lowering, platform="cuda")

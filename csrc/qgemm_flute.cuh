@@ -1,0 +1,322 @@
+// The FLUTE qgemm kernel for memory-bound shapes (M <= 32 per launch).
+//
+//   y[m, n] = sum_k x[m, k] * table[code(k, n)] * scales[k / group_rows, n]
+//
+// Tensor cores compute y^T = W^T x^T with mma.sync.m16n8k16 (fp32 accumulate):
+// A = W^T (16 output features x 16 input features) comes straight from the
+// packed codes, whose layout (flute_jax/layout.py) puts a lane's codes in the
+// A-fragment order; B = x^T (16 k x 8 tokens) comes from shared memory.
+//
+// The paper's three ideas:
+//  1. Offline restructuring: a lane's 16-byte loads of a 256 x 16 unit hold the
+//     codes of its A fragments for 16 k-tiles; no shuffles.
+//  2. Vectorized lookup: a table of *pairs* (2^(2 bits) entries of half2 / bf162)
+//     maps two adjacent-k codes to one A register. The table is stored 32 times,
+//     interleaved so that lane l always reads bank l: lookups never conflict.
+//     Scales are applied per group with one packed multiply per pair.
+//  3. Stream-K: the (64-column, 256-k) iteration space is split evenly over a
+//     persistent grid of 2 blocks per SM. A column split between blocks is fixed
+//     up by whichever block finishes its part last; it sums all parts in block
+//     order, so results are bitwise deterministic.
+// Codes, x and scales stream through a 4-stage cp.async pipeline (16-byte loads).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda_types.cuh"
+
+namespace flute_jax {
+namespace flute {
+
+constexpr int kWarps = 4;                // each warp owns one 16-wide N-block of a column
+constexpr int kThreads = 32 * kWarps;
+constexpr int kColumnN = 16 * kWarps;    // output features per Stream-K column
+constexpr int kStages = 4;
+constexpr int kUnitK = 256;              // input features per iteration (one packed unit)
+constexpr int kXStride = kUnitK + 8;     // x row pitch in shared memory (halves): conflict-free B loads
+constexpr int kScaleRows = 9;            // scale rows a 256-k unit can touch (group_rows >= 32)
+constexpr int kCopies = 32;              // pair-table copies, one per bank
+constexpr int kBlocksPerSm = 2;
+
+// Kernel arguments (plain values: the kernel is capture-safe).
+struct Params {
+  const void* x;          // [M, K] activations (this launch's rows start here)
+  const uint32_t* codes;  // packed codes
+  const void* scales;     // [G, N]
+  const void* table;      // [2**bits]
+  void* y;                // [M, N] (this launch's rows)
+  float* partials;        // [2 * grid][m_tile][kColumnN] Stream-K partial sums
+  int* counters;          // [columns] arrivals per split column (zeroed before launch)
+  int m, k, n;            // this launch's rows, and the problem's K, N
+  int n_blocks, k_units, columns;
+  int groups, group_rows, group_tiles;  // group_tiles = group_rows / 16 (huge if one group)
+  int grid;
+};
+
+template <typename T> struct Vec2;
+template <> struct Vec2<__half> { using type = __half2; };
+template <> struct Vec2<__nv_bfloat16> { using type = __nv_bfloat162; };
+
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  // src-size 0 reads nothing and fills 16 zero bytes.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+template <typename T>
+__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Shared-memory sizes of one pipeline stage and of the pair table.
+template <int kBits, int kMBlocks>
+struct Smem {
+  static constexpr int kUnitWords = 128 * kBits;
+  static constexpr int kCodeBytes = kWarps * kUnitWords * 4;
+  static constexpr int kXBytes = 8 * kMBlocks * kXStride * 2;
+  static constexpr int kScaleBytes = kScaleRows * kColumnN * 2;
+  static constexpr int kStageBytes = kCodeBytes + kXBytes + kScaleBytes;
+  static constexpr int kTableBytes = (1 << (2 * kBits)) * kCopies * 4;
+  static constexpr int kTotal = kTableBytes + kStages * kStageBytes;
+};
+
+// The block that runs Stream-K iteration `i` and the first iteration of block `b`.
+__device__ __forceinline__ int64_t IterStart(int64_t b, int64_t total, int64_t grid) {
+  return b * total / grid;
+}
+__device__ __forceinline__ int BlockOf(int64_t i, int64_t total, int64_t grid) {
+  int64_t b = i * grid / total;
+  while (b + 1 < grid && IterStart(b + 1, total, grid) <= i) ++b;
+  return static_cast<int>(b);
+}
+// Partial-sum slot of block b's part of column c: slot 0 for the column its range
+// starts in, slot 1 for the column it ends in (a block has at most two split columns).
+__device__ __forceinline__ int SlotOf(int b, int c, int64_t total, int64_t grid, int k_units) {
+  return 2 * b + (c == IterStart(b, total, grid) / k_units ? 0 : 1);
+}
+
+template <int kBits, typename T, int kMBlocks>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) FluteQgemmKernel(const Params p) {
+  using S = Smem<kBits, kMBlocks>;
+  using T2 = typename Vec2<T>::type;
+  constexpr int kMTile = 8 * kMBlocks;
+  constexpr int kUnitWords = S::kUnitWords;
+  constexpr int kPairsMask = (1 << (2 * kBits)) - 1;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint32_t* pair_table = reinterpret_cast<uint32_t*>(smem);
+  unsigned char* stages = smem + S::kTableBytes;
+  __shared__ int s_is_last;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t total = static_cast<int64_t>(p.columns) * p.k_units;
+  const int64_t it_begin = IterStart(blockIdx.x, total, p.grid);
+  const int64_t it_end = IterStart(blockIdx.x + 1, total, p.grid);
+
+  const T* x = static_cast<const T*>(p.x);
+  const T* scales = static_cast<const T*>(p.scales);
+
+  // Issue the cp.async loads of iteration `it` into stage `stage`.
+  auto load_stage = [&](int64_t it, int stage) {
+    unsigned char* base = stages + stage * S::kStageBytes;
+    if (it < it_end) {
+      const int c = static_cast<int>(it / p.k_units), u = static_cast<int>(it % p.k_units);
+      // Codes: the column's (up to) 4 units at k-block u are contiguous in memory.
+      const uint32_t* src = p.codes + (static_cast<int64_t>(u) * p.n_blocks + c * kWarps) * kUnitWords;
+      const int valid_chunks = min(kWarps, p.n_blocks - c * kWarps) * kUnitWords / 4;
+      for (int i = tid; i < kWarps * kUnitWords / 4; i += kThreads)
+        CpAsync16(base + 16 * i, i < valid_chunks ? src + 4 * i : p.codes, i < valid_chunks);
+      // x rows of this launch, k in [256 u, 256 u + 256), zero beyond M and K.
+      unsigned char* xs = base + S::kCodeBytes;
+      for (int i = tid; i < kMTile * (kUnitK / 8); i += kThreads) {
+        const int row = i / (kUnitK / 8), chunk = i % (kUnitK / 8);
+        const int kk = u * kUnitK + 8 * chunk;
+        const bool ok = row < p.m && kk < p.k;
+        CpAsync16(xs + row * kXStride * 2 + 16 * chunk,
+                  ok ? x + static_cast<int64_t>(row) * p.k + kk : x, ok);
+      }
+      // Scale rows that groups of this unit touch; zero beyond G and N.
+      unsigned char* ss = base + S::kCodeBytes + S::kXBytes;
+      const int g_lo = u * kUnitK / p.group_rows;
+      const int g_hi = min(p.groups - 1, (u * kUnitK + kUnitK - 1) / p.group_rows);
+      for (int i = tid; i < kScaleRows * (kColumnN / 8); i += kThreads) {
+        const int row = i / (kColumnN / 8), chunk = i % (kColumnN / 8);
+        const int g = g_lo + row, nn = c * kColumnN + 8 * chunk;
+        const bool ok = g <= g_hi && nn < p.n;
+        CpAsync16(ss + row * kColumnN * 2 + 16 * chunk,
+                  ok ? scales + static_cast<int64_t>(g) * p.n + nn : scales, ok);
+      }
+    }
+    CpAsyncCommit();  // an empty group past the end keeps the wait counts uniform
+  };
+
+  // Start the pipeline, then build the pair table while the first loads fly.
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) load_stage(it_begin + s, s);
+  {
+    const T* table = static_cast<const T*>(p.table);
+    for (int i = tid; i < (1 << (2 * kBits)) * kCopies; i += kThreads) {
+      const int e = i / kCopies;
+      int even, odd;
+      if constexpr (kBits == 3) {  // 2-bit plane pair in bits 0..3, 1-bit plane pair in bits 4..5
+        even = (e & 3) | (((e >> 4) & 1) << 2);
+        odd = ((e >> 2) & 3) | (((e >> 5) & 1) << 2);
+      } else {
+        even = e & ((1 << kBits) - 1);
+        odd = e >> kBits;
+      }
+      T2 v;
+      v.x = table[even];
+      v.y = table[odd];
+      pair_table[i] = *reinterpret_cast<uint32_t*>(&v);
+    }
+  }
+
+  float acc[kMBlocks][4];
+#pragma unroll
+  for (int mb = 0; mb < kMBlocks; ++mb)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[mb][j] = 0.f;
+
+  const int r = lane >> 2, q = lane & 3;
+  for (int64_t it = it_begin; it < it_end; ++it) {
+    const int stage = static_cast<int>((it - it_begin) % kStages);
+    CpAsyncWait<kStages - 2>();
+    __syncthreads();  // stage `stage` landed for all threads; the stage refilled next is free
+    load_stage(it + kStages - 1, static_cast<int>((it - it_begin + kStages - 1) % kStages));
+
+    const int c = static_cast<int>(it / p.k_units), u = static_cast<int>(it % p.k_units);
+    const unsigned char* base = stages + stage * S::kStageBytes;
+    const bool warp_active = c * kWarps + warp < p.n_blocks;
+    if (warp_active) {
+      // This lane's code words for the unit, plane by plane (16-byte loads).
+      const uint32_t* unit = reinterpret_cast<const uint32_t*>(base) + warp * kUnitWords;
+      uint32_t w[4 * kBits];
+#pragma unroll
+      for (int j = 0; j < kBits; ++j) {
+        const uint4 v = *reinterpret_cast<const uint4*>(unit + 128 * j + 4 * lane);
+        w[4 * j] = v.x; w[4 * j + 1] = v.y; w[4 * j + 2] = v.z; w[4 * j + 3] = v.w;
+      }
+      const T* xs = reinterpret_cast<const T*>(base + S::kCodeBytes);
+      const T* ss = reinterpret_cast<const T*>(base + S::kCodeBytes + S::kXBytes);
+      const int tile0 = u * (kUnitK / 16);
+      const int g_lo = u * kUnitK / p.group_rows;
+#pragma unroll
+      for (int t = 0; t < 16; ++t) {
+        const int g = (tile0 + t) / p.group_tiles - g_lo;
+        const T s_lo = ss[g * kColumnN + warp * 16 + r], s_hi = ss[g * kColumnN + warp * 16 + r + 8];
+        T2 scale_lo, scale_hi;
+        scale_lo.x = scale_lo.y = s_lo;
+        scale_hi.x = scale_hi.y = s_hi;
+        uint32_t a[4];
+#pragma unroll
+        for (int pr = 0; pr < 4; ++pr) {
+          int e;
+          if constexpr (kBits == 4) {
+            e = (w[t] >> (8 * pr)) & 0xff;
+          } else if constexpr (kBits == 2) {
+            e = (w[t >> 1] >> (16 * (t & 1) + 4 * pr)) & 0xf;
+          } else {
+            e = ((w[t >> 1] >> (16 * (t & 1) + 4 * pr)) & 0xf) |
+                (((w[8 + (t >> 2)] >> (8 * (t & 3) + 2 * pr)) & 3) << 4);
+          }
+          uint32_t v = pair_table[(e & kPairsMask) * kCopies + lane];
+          T2 wv = *reinterpret_cast<T2*>(&v);
+          wv = __hmul2(wv, (pr & 1) ? scale_hi : scale_lo);
+          a[pr] = *reinterpret_cast<uint32_t*>(&wv);
+        }
+#pragma unroll
+        for (int mb = 0; mb < kMBlocks; ++mb) {
+          const T* xr = xs + (mb * 8 + r) * kXStride + 16 * t + 2 * q;
+          Mma<T>(acc[mb], a, *reinterpret_cast<const uint32_t*>(xr),
+                 *reinterpret_cast<const uint32_t*>(xr + 8));
+        }
+      }
+    }
+
+    // End of a segment: the column is done, or this block's range ends.
+    if (u == p.k_units - 1 || it + 1 == it_end) {
+      const int first_block = BlockOf(static_cast<int64_t>(c) * p.k_units, total, p.grid);
+      const int last_block = BlockOf(static_cast<int64_t>(c + 1) * p.k_units - 1, total, p.grid);
+      const int n0 = c * kColumnN + warp * 16 + r;
+      T* y = static_cast<T*>(p.y);
+      auto store = [&](int mb, int j, float v) {
+        const int m = mb * 8 + 2 * q + (j & 1), nn = n0 + 8 * (j >> 1);
+        if (m < p.m && nn < p.n) y[static_cast<int64_t>(m) * p.n + nn] = FromF32<T>(v);
+      };
+      auto slot_index = [&](int mb, int j) {
+        return (mb * 8 + 2 * q + (j & 1)) * kColumnN + warp * 16 + r + 8 * (j >> 1);
+      };
+      if (first_block == last_block) {  // the whole column was ours
+        if (warp_active)
+#pragma unroll
+          for (int mb = 0; mb < kMBlocks; ++mb)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) store(mb, j, acc[mb][j]);
+      } else {
+        float* mine = p.partials + static_cast<int64_t>(SlotOf(blockIdx.x, c, total, p.grid, p.k_units)) *
+                                        kMTile * kColumnN;
+        if (warp_active)
+#pragma unroll
+          for (int mb = 0; mb < kMBlocks; ++mb)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) mine[slot_index(mb, j)] = acc[mb][j];
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) s_is_last = atomicAdd(&p.counters[c], 1) == last_block - first_block;
+        __syncthreads();
+        if (s_is_last) {
+          // Every part has landed: sum them in block order (deterministic).
+          __threadfence();
+          if (warp_active) {
+            float sum[kMBlocks][4];
+#pragma unroll
+            for (int mb = 0; mb < kMBlocks; ++mb)
+#pragma unroll
+              for (int j = 0; j < 4; ++j) sum[mb][j] = 0.f;
+            for (int b = first_block; b <= last_block; ++b) {
+              const float* part = p.partials + static_cast<int64_t>(SlotOf(b, c, total, p.grid, p.k_units)) *
+                                                   kMTile * kColumnN;
+#pragma unroll
+              for (int mb = 0; mb < kMBlocks; ++mb)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) sum[mb][j] += __ldcg(part + slot_index(mb, j));
+            }
+#pragma unroll
+            for (int mb = 0; mb < kMBlocks; ++mb)
+#pragma unroll
+              for (int j = 0; j < 4; ++j) store(mb, j, sum[mb][j]);
+          }
+        }
+      }
+#pragma unroll
+      for (int mb = 0; mb < kMBlocks; ++mb)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[mb][j] = 0.f;
+    }
+  }
+  CpAsyncWait<0>();  // leave no copy in flight at exit
+}
+
+}  // namespace flute
+}  // namespace flute_jax

@@ -1,0 +1,46 @@
+// Which CUDA kernel a qgemm call takes, and the workspace the FLUTE kernel
+// needs. Host-only and shared: the CUDA handler follows the plan, and Python
+// asks for the workspace size at lowering time (flute_jax/primitive.py), so the
+// two never disagree.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace flute_jax {
+
+struct FlutePlan {
+  bool fast = false;          // FLUTE kernel (else the simple kernel)
+  int m_blocks = 0;           // 8-row mma blocks per launch: 1, 2 or 4
+  int rows_per_launch = 0;    // 8 * m_blocks; M is covered in slices of this many rows
+  int columns = 0;            // Stream-K columns of 64 output features
+  int k_units = 0;            // 256-k iterations per column
+  int grid = 0;               // persistent blocks
+  int64_t partial_bytes = 0;  // Stream-K partial sums
+  int64_t workspace_bytes = 0;
+};
+
+constexpr int kFluteColumnN = 64, kFluteUnitK = 256, kFluteBlocksPerSm = 2;
+
+// `is_half_type`: x is float16 or bfloat16 (float32 takes the simple kernel).
+inline FlutePlan PlanFlute(int64_t m, int64_t k, int64_t n, int64_t group_rows, bool is_half_type,
+                           int sm_count) {
+  FlutePlan plan;
+  const int64_t groups = (k + group_rows - 1) / group_rows;
+  const bool groups_fit = groups == 1 || (group_rows % 16 == 0 && group_rows >= 32);
+  plan.fast = is_half_type && m >= 1 && k % 8 == 0 && n % 8 == 0 && groups_fit && sm_count > 0 &&
+              k < (int64_t{1} << 31) && n < (int64_t{1} << 31) && m < (int64_t{1} << 31);
+  if (!plan.fast) return plan;
+  plan.m_blocks = m <= 8 ? 1 : m <= 16 ? 2 : 4;
+  plan.rows_per_launch = 8 * plan.m_blocks;
+  plan.columns = static_cast<int>((n + kFluteColumnN - 1) / kFluteColumnN);
+  plan.k_units = static_cast<int>((k + kFluteUnitK - 1) / kFluteUnitK);
+  const int64_t iters = static_cast<int64_t>(plan.columns) * plan.k_units;
+  plan.grid = static_cast<int>(std::min<int64_t>(iters, int64_t{sm_count} * kFluteBlocksPerSm));
+  const int64_t slot_bytes = int64_t{plan.rows_per_launch} * kFluteColumnN * 4;
+  plan.partial_bytes = 2 * int64_t{plan.grid} * slot_bytes;
+  plan.workspace_bytes = plan.partial_bytes + int64_t{plan.columns} * 4;
+  return plan;
+}
+
+}  // namespace flute_jax
