@@ -98,7 +98,12 @@ class FluteDense(nn.Module):
         if inputs.ndim < 1:
             raise ValueError("FluteDense inputs must have at least one axis [..., K]")
         k = inputs.shape[-1]
-        qw = self.param("kernel", self._init_kernel, (k, self.features))
+        if self.has_variable("params", "kernel"):
+            # Read it directly: self.param would compare it against the initializer's shapes
+            # first and fail with a less helpful message for a dense or mismatched kernel.
+            qw = nn.meta.unbox(self.get_variable("params", "kernel"))
+        else:
+            qw = self.param("kernel", self._init_kernel, (k, self.features))
         _common.check_weight(qw, k, self.features, self.bits, self.group_size, f"FluteDense {self.name}")
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         dtype = _common.compute_dtype(self.dtype, inputs, qw.scales, bias)
