@@ -9,6 +9,18 @@ from . import tables
 from .layout import pack, unpack
 from .ops import qgemm
 from .quantize import QuantizedWeight, dequantize, quantize
+from .export import export_disabled_checks
+from .sharding import shard_specs
 
-__all__ = ["QuantizedWeight", "dequantize", "pack", "qgemm", "quantize", "tables", "unpack"]
+__all__ = [
+    "QuantizedWeight",
+    "dequantize",
+    "export_disabled_checks",
+    "pack",
+    "qgemm",
+    "quantize",
+    "shard_specs",
+    "tables",
+    "unpack",
+]
 __version__ = "0.1.0"

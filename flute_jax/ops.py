@@ -7,7 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from .primitive import qgemm_p
+from .sharding import local_weight, qgemm_spmd_p
 from .quantize import QuantizedWeight, check_activation_dtype
 
 
@@ -25,9 +25,11 @@ def qgemm(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
     """
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"qw must be a flute_jax.QuantizedWeight, got {type(qw).__name__}")
-    qw.validate()
     x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
     check_activation_dtype(x.dtype, "x dtype")
+    # Inside shard_map the leaves are a device's slice of whole blocks: validate
+    # them as a weight of the local shape (K from x, N from the scales).
+    qw = local_weight(qw, x.shape[-1] if x.ndim else 0)
     k, n = qw.shape
     if x.ndim < 1 or x.shape[-1] != k:
         raise ValueError(f"x must have shape [..., {k}] for a weight of shape {qw.shape}, got {x.shape}")
@@ -35,7 +37,9 @@ def qgemm(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
     m = math.prod(lead)
     if m == 0:
         return jnp.zeros((*lead, n), x.dtype)
-    y = qgemm_p.bind(
+    # qgemm_spmd_p carries the vmap / AD rules and lowers through custom_partitioning
+    # (a plain kernel call on one device or inside shard_map).
+    y = qgemm_spmd_p.bind(
         x.reshape(m, k),
         qw.codes,
         qw.scales.astype(x.dtype),
