@@ -301,3 +301,30 @@ def test_report_rejects_foreign_json(tmp_path, capsys):
     assert err.value.code == 2 and "not a flute_jax benchmark result" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["report", str(tmp_path / "missing.json")])
+
+
+def test_failed_measurement_is_recorded_and_sweep_goes_on(monkeypatch, tmp_path, capsys):
+    """One method raising must not lose the others; the report and exit code show it."""
+    real = methods.REGISTRY["naive_lut"]
+
+    def broken(c):
+        def fn(*args):
+            raise RuntimeError("simulated kernel failure")
+
+        return fn
+
+    monkeypatch.setitem(methods.REGISTRY, "naive_lut", methods.Method("naive_lut", real.make, broken,
+                                                                      real.reference, real.cache_fields))
+    out = tmp_path / "r.json"
+    rc = cli.main(["--platform", "cpu", "--kn", "256x64", "--m", "2", "--methods", "xla_dot,naive_lut",
+                   "--calls", "2", "--rounds", "1", "--warmup", "1", "--copy-mib", "1", "--no-progress",
+                   "--json", str(out)])
+    assert rc == 1
+    doc = json.loads(out.read_text())
+    (point,) = doc["results"]
+    assert point["methods"]["xla_dot"]["time_us"] > 0
+    assert point["methods"]["naive_lut"]["time_us"] is None
+    assert "simulated kernel failure" in point["methods"]["naive_lut"]["error"]
+    printed = capsys.readouterr().out
+    assert "ERRORS:" in printed and "ERROR" in printed
+    assert "simulated kernel failure" in report.markdown([doc])

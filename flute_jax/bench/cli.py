@@ -91,7 +91,7 @@ def run_parser() -> argparse.ArgumentParser:
     t.add_argument("--l2-mib", type=float, default=None, help="override the L2 size read from the device")
     t.add_argument("--copy-mib", type=float, default=None, help="buffer of the copy-bandwidth test (default 1024 GPU, 64 CPU)")
     t.add_argument("--no-check", dest="check", action="store_false",
-                   help="skip the correctness check of each method against a float32 reference")
+                   help="skip the correctness check of each method against a float64 host reference")
     t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="start no new point after this many seconds; partial results are written")
     o = p.add_argument_group("output")
@@ -169,21 +169,26 @@ def _run(argv: list[str]) -> int:
     if args.progress:
         from tqdm.auto import tqdm
 
-        progress = lambda total: tqdm(total=total, desc="flute_jax.bench", unit="run", file=sys.stderr)  # noqa: E731
-    out = runner.run(configs, args.methods, dev, clock, settings, progress)
-    doc = {
+        progress = lambda total: tqdm(  # noqa: E731  (disable=None: no bar when stderr is not a terminal)
+            total=total, desc="flute_jax.bench", unit="run", file=sys.stderr, disable=None)
+    header = {
         "schema": report.SCHEMA,
         "environment": env,
         "settings": {**dataclasses.asdict(settings), "clock": clock.name, "methods": args.methods,
                      "m": args.m, "bits": args.bits, "group_size": args.group_size, "dtype": args.dtype,
                      "shapes": [dataclasses.asdict(s) for s in shapes]},
-        **out,
     }
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1)
+
+    def write(out: dict) -> None:
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({**header, **out}, f, indent=1)
+
+    out = runner.run(configs, args.methods, dev, clock, settings, progress, on_point=write)
+    write(out)
+    doc = {**header, **out}
     if args.plot and doc["results"]:
         report.plot([doc], args.plot)
     print(report.markdown([doc]) if args.markdown else report.text_table(doc))
-    failed = report.check_failures(doc["results"])
+    failed = report.check_failures(doc["results"]) or report.errors(doc["results"])
     return 1 if failed else 0

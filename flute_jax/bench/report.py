@@ -62,6 +62,9 @@ def _rows(results: list[dict], names: list[str]) -> tuple[list[str], list[list[s
             if rec is None:
                 row += ["-"] * (2 if n == "xla_dot" else 3)
                 continue
+            if rec.get("time_us") is None:
+                row += ["ERROR"] + ["-"] * (1 if n == "xla_dot" else 2)
+                continue
             flag = "" if (rec.get("check") or {}).get("ok", True) else " WRONG"
             row.append(_fmt_us(rec["time_us"]) + flag)
             if n != "xla_dot":
@@ -96,8 +99,23 @@ def text_table(doc: dict) -> str:
     out += ["", *kernel_lines(results, markdown=False)]
     failed = check_failures(results)
     if failed:
-        out += ["", "CHECK FAILED (result differs from the float32 reference):", *failed]
+        out += ["", "CHECK FAILED (result differs from the float64 reference):", *failed]
+    if errors(results):
+        out += ["", "ERRORS:", *errors(results)]
     return "\n".join(out)
+
+
+def errors(results: list[dict]) -> list[str]:
+    """Measurements that raised (the sweep recorded the error and went on)."""
+    seen, out = set(), []
+    for r in results:
+        for name, rec in r["methods"].items():
+            line = f"  {name} M={r['m']} K={r['k']} N={r['n']} bits={r['bits']} g={r['group_size']} {r['dtype']}: " \
+                   f"{rec.get('error')}"
+            if rec.get("error") and line not in seen:
+                seen.add(line)
+                out.append(line)
+    return out
 
 
 def check_failures(results: list[dict]) -> list[str]:
@@ -116,6 +134,8 @@ def kernel_lines(results: list[dict], markdown: bool) -> list[str]:
     seen = defaultdict(list)  # (method, kernels, ops) -> example points
     for r in results:
         for name, rec in r["methods"].items():
+            if rec.get("error"):
+                continue
             key = (name, tuple(rec.get("kernels") or ()), tuple(rec.get("hlo_ops") or ()))
             seen[key].append(f"M={r['m']} {r['k']}x{r['n']}")
     out = ["Kernels per call" + (" (device trace), and compiled HLO ops:" if markdown else ":")]
@@ -187,7 +207,9 @@ def markdown(docs: list[dict]) -> str:
     out += ["", *kernel_lines(results, markdown=True)]
     failed = check_failures(results)
     if failed:
-        out += ["", "**Check failed** (differs from the float32 reference):", "", *failed]
+        out += ["", "**Check failed** (differs from the float64 reference):", "", *failed]
+    if errors(results):
+        out += ["", "**Errors:**", "", *errors(results)]
     return "\n".join(out) + "\n"
 
 

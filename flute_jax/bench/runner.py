@@ -168,11 +168,15 @@ def run(
     clock,
     settings: Settings,
     progress: Optional[Callable] = None,
+    on_point: Optional[Callable] = None,
 ) -> dict:
     """Copy bandwidth, then every (point, method). Returns ``{"bandwidth", "results", "complete"}``.
 
     ``progress(total)`` may return an object with ``update(n)``/``set_postfix_str``/``close``
-    (a tqdm bar). Stops starting new points when ``settings.time_budget_s`` is spent.
+    (a tqdm bar). ``on_point(partial)`` is called after each point (the CLI rewrites its
+    JSON then, so a killed run keeps what it measured). A measurement that raises is
+    recorded with its error and the sweep goes on. Stops starting new points when
+    ``settings.time_budget_s`` is spent.
     """
     start = time.perf_counter()
     l2 = settings.l2_bytes if settings.l2_bytes is not None else _l2_of(device)
@@ -196,15 +200,22 @@ def run(
                     if bar is not None:
                         bar.set_postfix_str(f"{c.shape_name or f'{c.k}x{c.n}'} M={c.m} b={c.bits} {name}")
                     if key not in cache:
-                        cache[key] = measure(method, c, clock, l2, settings)
+                        try:
+                            cache[key] = measure(method, c, clock, l2, settings)
+                        except Exception as err:  # noqa: BLE001  (one failure must not lose the sweep)
+                            cache[key] = {"method": name, "time_us": None, "error": f"{type(err).__name__}: {err}"}
                     rec = dict(cache[key])
-                    rec["roofline_us"] = rec["roofline_bytes"] / bw * 1e6
-                    rec["roofline_fraction"] = rec["roofline_us"] / rec["time_us"] if rec["time_us"] > 0 else None
+                    if rec.get("time_us"):
+                        rec["roofline_us"] = rec["roofline_bytes"] / bw * 1e6
+                        rec["roofline_fraction"] = rec["roofline_us"] / rec["time_us"]
                     point["methods"][name] = rec
                     if bar is not None:
                         bar.update(1)
                 _add_ratios(point, bw)
                 results.append(point)
+                if on_point is not None:
+                    on_point({"bandwidth": bandwidth, "results": results, "complete": False,
+                              "elapsed_s": time.perf_counter() - start})
         except KeyboardInterrupt:
             complete = False
         finally:
@@ -223,10 +234,10 @@ def _l2_of(device) -> int:
 def _add_ratios(point: dict, bw: float) -> None:
     """Speed-up over the dtype's dot, and the speed-up the bytes allow at best."""
     ms = point["methods"]
-    dot = ms.get("xla_dot")
+    dot = (ms.get("xla_dot") or {}).get("time_us")
     for rec in ms.values():
-        rec["speedup_vs_dot"] = dot["time_us"] / rec["time_us"] if dot and rec["time_us"] > 0 else None
-    if "flute" in ms:
+        rec["speedup_vs_dot"] = dot / rec["time_us"] if dot and rec.get("time_us") else None
+    if "flute" in ms and "roofline_bytes" in ms["flute"]:
         k, n, m = point["k"], point["n"], point["m"]
         item = jnp.dtype(point["dtype"]).itemsize
         dense = item * (k * n + m * k + m * n)

@@ -59,12 +59,24 @@ class ProfilerClock:
         # only device work inside the trace is the n_calls executions of fn.
         jax.block_until_ready(arg_sets)
         with tempfile.TemporaryDirectory(prefix="flute_bench_trace_") as log_dir:
-            with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+            with jax.profiler.trace(log_dir, create_perfetto_trace=True, profiler_options=_options()):
                 jax.block_until_ready(_run(fn, arg_sets, n_calls))
             events = trace.load_events(trace.find_trace_file(log_dir))
         dev = trace.device_events(events, self.process_name)
         self.last_lines = dev.lines
         return trace.split_calls(dev.events, n_calls)
+
+
+def _options():
+    """Profiler options: no Python function tracing and no HLO dumps (they only slow the trace)."""
+    make = getattr(jax.profiler, "ProfileOptions", None)
+    if make is None:
+        return None
+    opts = make()
+    for name, value in (("python_tracer_level", 0), ("enable_hlo_proto", False)):
+        if hasattr(opts, name):
+            setattr(opts, name, value)
+    return opts
 
 
 def make_clock(kind: str, device: jax.Device):
