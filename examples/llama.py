@@ -1,0 +1,418 @@
+"""A Llama-3-style decoder in Flax, quantized with flute_jax.
+
+    python examples/llama.py                         # tiny random model: quantize, generate, compare
+    python examples/llama.py --hf /path/to/Llama-3.2-1B --prompt-ids 128000,791,6864
+    python examples/llama.py --config 8b --bench     # decode tokens/s, bf16 vs FLUTE (GPU)
+
+Model: RMSNorm, rotary embeddings (Hugging Face's rotate-half convention, with Llama 3.1
+frequency scaling when the config has it), grouped-query attention with an explicit KV
+cache, SwiGLU MLP, tied or untied output head. Every projection is ``nn.Dense`` (bf16) or,
+with ``quant`` set, ``flute_jax.nn.FluteDense`` under the same name, so the bf16 params
+convert with one ``flute_jax.nn.quantize_params`` call. The lm head stays bf16 unless
+``--quantize-head``. Kernels carry logical axis names (embed, heads, kv, mlp, vocab) that
+tp_inference.py maps onto a device mesh.
+
+Weights: random (``--config tiny|8b|70b``) or a Hugging Face Llama safetensors checkpoint
+directory (``--hf``: config.json and *.safetensors), read with numpy (no extra package).
+There is no tokenizer here: prompts are token ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import struct
+import sys
+import time
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import flute_jax
+from flute_jax import nn as fnn
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    vocab: int
+    dim: int
+    layers: int
+    heads: int
+    kv_heads: int
+    hidden: int
+    head_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: Optional[tuple] = None  # (factor, low_freq_factor, high_freq_factor, original_max_pos)
+    tie_embeddings: bool = False
+
+
+CONFIGS = {
+    # small enough for a CPU test in seconds; K of every row-parallel layer splits 4 ways
+    # into whole 256-row blocks (tp_inference.py), N of every layer into 16-column blocks
+    "tiny": Config(vocab=512, dim=256, layers=2, heads=4, kv_heads=2, hidden=1024, head_dim=64),
+    "tiny-tied": Config(vocab=512, dim=256, layers=2, heads=4, kv_heads=2, hidden=1024, head_dim=64, tie_embeddings=True),
+    "8b": Config(vocab=128256, dim=4096, layers=32, heads=32, kv_heads=8, hidden=14336, head_dim=128,
+                 rope_scaling=(8.0, 1.0, 4.0, 8192)),
+    "70b": Config(vocab=128256, dim=8192, layers=80, heads=64, kv_heads=8, hidden=28672, head_dim=128,
+                  rope_scaling=(8.0, 1.0, 4.0, 8192)),
+}
+
+
+# ----------------------------------------------------------------------------- model
+def rope_frequencies(cfg: Config) -> np.ndarray:
+    """Inverse frequencies [head_dim / 2] (float64), with Llama 3.1 scaling if configured."""
+    freqs = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+    if cfg.rope_scaling is None:
+        return freqs
+    factor, low, high, original = cfg.rope_scaling
+    wavelen = 2 * math.pi / freqs
+    smooth = np.clip((original / wavelen - low) / (high - low), 0.0, 1.0)
+    # long wavelengths (smooth 0) are divided by factor, short ones (smooth 1) kept
+    return (1 - smooth) * freqs / factor + smooth * freqs
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, freqs: np.ndarray) -> jax.Array:
+    """x [B, T, heads, D], positions [T] -> rotated x (rotate-half convention)."""
+    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(freqs, jnp.float32)[None, :]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[None, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[None, :, None, :]
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], -1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.dtype)
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
+        return scale * normed.astype(self.dtype)
+
+
+def make_dense(features: int, name: str, axes: tuple, quant: Optional[dict], dtype) -> nn.Module:
+    # fan-in scaled, so that every random layer moves the residual stream as much as a trained one
+    init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes)
+    if quant is None:
+        return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=init, name=name)
+    return fnn.FluteDense(features, use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=init, name=name, **quant)
+
+
+def constrain(x, axes):
+    """Logical sharding constraint on activations (a no-op without axis rules / mesh)."""
+    return nn.with_logical_constraint(x, axes)
+
+
+class Block(nn.Module):
+    cfg: Config
+    quant: Optional[dict] = None
+    dtype: Any = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, x, cache, pos):
+        """x [B, T, dim]; cache (k, v) each [B, S, kv_heads, head_dim]; pos: int32 scalar."""
+        cfg, q = self.cfg, self.quant
+        b, t, _ = x.shape
+        h = RMSNorm(cfg.norm_eps, self.dtype, name="attn_norm")(x)
+        query = make_dense(cfg.heads * cfg.head_dim, "q", ("embed", "heads"), q, self.dtype)(h)
+        key = make_dense(cfg.kv_heads * cfg.head_dim, "k", ("embed", "kv"), q, self.dtype)(h)
+        value = make_dense(cfg.kv_heads * cfg.head_dim, "v", ("embed", "kv"), q, self.dtype)(h)
+        query = query.reshape(b, t, cfg.heads, cfg.head_dim)
+        key = key.reshape(b, t, cfg.kv_heads, cfg.head_dim)
+        value = value.reshape(b, t, cfg.kv_heads, cfg.head_dim)
+        positions = pos + jnp.arange(t)
+        freqs = rope_frequencies(cfg)
+        query, key = apply_rope(query, positions, freqs), apply_rope(key, positions, freqs)
+        cache_k = jax.lax.dynamic_update_slice(cache[0], key.astype(cache[0].dtype), (0, pos, 0, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache[1], value.astype(cache[1].dtype), (0, pos, 0, 0))
+        cache_k = constrain(cache_k, ("batch", None, "kv_heads", None))
+        cache_v = constrain(cache_v, ("batch", None, "kv_heads", None))
+        group = cfg.heads // cfg.kv_heads
+        qg = query.reshape(b, t, cfg.kv_heads, group, cfg.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, cache_k, preferred_element_type=jnp.float32)
+        scores = scores / np.sqrt(cfg.head_dim)
+        visible = jnp.arange(cache_k.shape[1])[None, :] <= positions[:, None]  # [T, S] causal + filled
+        scores = jnp.where(visible[None, None, None], scores, -1e30)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        attn = jnp.einsum("bkgts,bskd->btkgd", probs, cache_v).reshape(b, t, cfg.heads * cfg.head_dim)
+        x = x + make_dense(cfg.dim, "o", ("heads", "embed"), q, self.dtype)(attn)
+        h = RMSNorm(cfg.norm_eps, self.dtype, name="mlp_norm")(x)
+        gate = make_dense(cfg.hidden, "gate", ("embed", "mlp"), q, self.dtype)(h)
+        up = make_dense(cfg.hidden, "up", ("embed", "mlp"), q, self.dtype)(h)
+        mid = constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
+        x = x + make_dense(cfg.dim, "down", ("mlp", "embed"), q, self.dtype)(mid)
+        return constrain(x, ("batch", None, "embed")), (cache_k, cache_v)
+
+
+class Llama(nn.Module):
+    cfg: Config
+    quant: Optional[dict] = None  # FluteDense fields: bits, group_size, table
+    quantize_head: bool = False
+    dtype: Any = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, tokens, cache, pos):
+        """tokens int32 [B, T] at positions pos.. pos+T-1 -> (logits float32 [B, T, vocab], cache)."""
+        cfg = self.cfg
+        embed = nn.Embed(cfg.vocab, cfg.dim, dtype=self.dtype, param_dtype=self.dtype, name="embed",
+                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")))
+        x = constrain(embed(tokens), ("batch", None, "embed"))
+        new_cache = []
+        for i in range(cfg.layers):
+            x, layer_cache = Block(cfg, self.quant, self.dtype, name=f"layers_{i}")(x, cache[i], pos)
+            new_cache.append(layer_cache)
+        x = RMSNorm(cfg.norm_eps, self.dtype, name="norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            head_quant = self.quant if self.quantize_head else None
+            logits = make_dense(cfg.vocab, "lm_head", ("embed", "vocab"), head_quant, self.dtype)(x)
+        return logits.astype(jnp.float32), tuple(new_cache)
+
+
+def init_cache(cfg: Config, batch: int, length: int, dtype=jnp.bfloat16) -> tuple:
+    shape = (batch, length, cfg.kv_heads, cfg.head_dim)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.layers))
+
+
+def random_params(cfg: Config, seed: int = 0) -> dict:
+    """bf16 params of the dense model (boxed with logical axis names)."""
+    model = Llama(cfg)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.jit(model.init)(jax.random.key(seed), tokens, init_cache(cfg, 1, 1), 0)["params"]
+
+
+def quantize(params: dict, bits: int, group_size: int, table: str = "nf", quantize_head: bool = False) -> dict:
+    """The dense model's params -> the FLUTE model's (lm_head and embedding stay bf16 by default)."""
+    where = None if quantize_head else (lambda path, kernel: path[-1] != "lm_head")
+    return fnn.quantize_params(params, bits=bits, group_size=group_size, table=table, dtype=jnp.bfloat16, where=where)
+
+
+# ----------------------------------------------------------------------------- running it
+def make_step(model: Llama):
+    """jit-compiled ``(params, tokens, cache, pos) -> (logits, cache)``; the cache is donated."""
+    return jax.jit(lambda p, tok, cache, pos: model.apply({"params": p}, tok, cache, pos), donate_argnums=(2,))
+
+
+def generate(model: Llama, params, prompt: np.ndarray, steps: int, step=None) -> np.ndarray:
+    """Greedy decoding: prompt int32 [B, T] -> [B, T + steps]."""
+    step = step or make_step(model)
+    b, t = prompt.shape
+    cache = init_cache(model.cfg, b, t + steps)
+    logits, cache = step(params, jnp.asarray(prompt), cache, jnp.int32(0))
+    out = [np.asarray(prompt)]
+    token = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+    for i in range(steps):
+        out.append(np.asarray(token)[:, None])
+        if i == steps - 1:
+            break
+        logits, cache = step(params, token[:, None], cache, jnp.int32(t + i))
+        token = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+    return np.concatenate(out, 1)
+
+
+def full_logits(model: Llama, params, tokens: np.ndarray) -> np.ndarray:
+    """Teacher-forced logits float32 [B, T, vocab] of a whole sequence in one pass."""
+    b, t = tokens.shape
+    logits, _ = jax.jit(lambda p, tok, c: model.apply({"params": p}, tok, c, 0))(params, jnp.asarray(tokens), init_cache(model.cfg, b, t))
+    return np.asarray(logits)
+
+
+def agreement(ref_logits: np.ndarray, logits: np.ndarray) -> dict:
+    """Top-1 token match rate and mean cosine similarity of logit vectors."""
+    match = float(np.mean(ref_logits.argmax(-1) == logits.argmax(-1)))
+    a, b = ref_logits.astype(np.float64), logits.astype(np.float64)
+    cos = np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)
+    return {"top1_match": match, "logit_cosine": float(np.mean(cos))}
+
+
+# ----------------------------------------------------------------------------- safetensors
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64,
+              "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Read a .safetensors file with numpy: 8-byte little-endian header length, JSON header
+    {name: {dtype, shape, data_offsets: [begin, end]}} (offsets into the data after the
+    header), then the raw little-endian tensor bytes. Memory-mapped, so big files are cheap."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        out[name] = data[begin:end].view(np.dtype(_ST_DTYPES[info["dtype"]])).reshape(info["shape"])
+    return out
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+    """Write tensors in the safetensors format (for tests and tiny checkpoints)."""
+    names = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+    header, offset, blobs = {}, 0, []
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array)
+        blob = array.tobytes()
+        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+
+
+def config_from_hf(hf: dict) -> Config:
+    scaling = hf.get("rope_scaling") or None
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "llama3":
+        scaling = (float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"]),
+                   int(scaling["original_max_position_embeddings"]))
+    elif scaling is not None:
+        raise ValueError(f"unsupported rope_scaling {scaling}")
+    heads = hf["num_attention_heads"]
+    return Config(vocab=hf["vocab_size"], dim=hf["hidden_size"], layers=hf["num_hidden_layers"], heads=heads,
+                  kv_heads=hf.get("num_key_value_heads", heads), hidden=hf["intermediate_size"],
+                  head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, norm_eps=hf.get("rms_norm_eps", 1e-5),
+                  rope_theta=hf.get("rope_theta", 10000.0), rope_scaling=scaling,
+                  tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
+def load_hf(directory: str) -> tuple[Config, dict]:
+    """A Hugging Face Llama checkpoint directory -> (Config, bf16 params of :class:`Llama`).
+
+    HF stores Linear weights as [out, in]; Flax kernels are [in, out], hence the transposes.
+    """
+    with open(os.path.join(directory, "config.json")) as f:
+        cfg = config_from_hf(json.load(f))
+    tensors = {}
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {directory}")
+    for path in files:
+        tensors.update(read_safetensors(path))
+    get = lambda name: jnp.asarray(np.asarray(tensors[name]), jnp.bfloat16)  # noqa: E731
+    kernel = lambda name: {"kernel": get(name).T}  # noqa: E731
+    params = {"embed": {"embedding": get("model.embed_tokens.weight")}, "norm": {"scale": get("model.norm.weight")}}
+    for i in range(cfg.layers):
+        p = f"model.layers.{i}."
+        params[f"layers_{i}"] = {
+            "attn_norm": {"scale": get(p + "input_layernorm.weight")},
+            "mlp_norm": {"scale": get(p + "post_attention_layernorm.weight")},
+            **{n: kernel(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v", "o")},
+            **{n: kernel(p + f"mlp.{n}_proj.weight") for n in ("gate", "up", "down")},
+        }
+    if not cfg.tie_embeddings:
+        params["lm_head"] = kernel("lm_head.weight")
+    return cfg, params
+
+
+# ----------------------------------------------------------------------------- benchmark
+def bench_decode(model: Llama, params, batch: int, context: int, steps: int = 32, warmup: int = 3) -> float:
+    """Decode tokens/s (batch * steps / time) with the KV cache filled to ``context``."""
+    step = make_step(model)
+    cache = init_cache(model.cfg, batch, context + steps + warmup)
+    token = jnp.zeros((batch, 1), jnp.int32)
+    for i in range(warmup):
+        logits, cache = step(params, token, cache, jnp.int32(context + i))
+    jax.block_until_ready(logits)
+    start = time.perf_counter()
+    for i in range(steps):
+        logits, cache = step(params, token, cache, jnp.int32(context + warmup + i))
+    jax.block_until_ready(logits)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def run_bench(cfg: Config, seed: int, batches=(1, 4, 16), context: int = 512, steps: int = 32) -> list[dict]:
+    dense = nn.meta.unbox(random_params(cfg, seed))
+    rows = []
+    variants = [("bf16", None), ("4bit-g64", dict(bits=4, group_size=64)),
+                ("4bit-g128", dict(bits=4, group_size=128)), ("3bit-g64", dict(bits=3, group_size=64))]
+    for name, quant in variants:
+        params = dense if quant is None else quantize(dense, **quant)
+        model = Llama(cfg, quant=None if quant is None else dict(quant, table="nf"))
+        for batch in batches:
+            tps = bench_decode(model, params, batch, context, steps)
+            rows.append({"variant": name, "batch": batch, "context": context, "tokens_per_s": tps})
+            print(f"{name:10s} batch {batch:3d} context {context}: {tps:9.1f} tokens/s", flush=True)
+        if quant is not None:
+            del params
+    base = {r["batch"]: r["tokens_per_s"] for r in rows if r["variant"] == "bf16"}
+    for r in rows:
+        r["speedup_vs_bf16"] = r["tokens_per_s"] / base[r["batch"]]
+    print(json.dumps(rows, indent=1))
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
+    ap.add_argument("--hf", help="Hugging Face Llama checkpoint directory (config.json, *.safetensors)")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--table", default="nf")
+    ap.add_argument("--quantize-head", action="store_true")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=8)
+    ap.add_argument("--prompt-ids", help="comma-separated prompt token ids (one sequence)")
+    ap.add_argument("--steps", type=int, default=16, help="tokens to generate")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bench", action="store_true", help="decode tokens/s, bf16 vs 4-bit g64/g128 and 3-bit")
+    ap.add_argument("--bench-batches", default="1,4,16")
+    ap.add_argument("--context", type=int, default=512)
+    args = ap.parse_args(argv)
+
+    if args.hf:
+        cfg, dense = load_hf(args.hf)
+    else:
+        cfg = CONFIGS[args.config]
+        if args.bench:
+            return {"bench": run_bench(cfg, args.seed, tuple(int(b) for b in args.bench_batches.split(",")), args.context)}
+        dense = nn.meta.unbox(random_params(cfg, args.seed))
+    quant = dict(bits=args.bits, group_size=args.group_size, table=args.table)
+    qparams = quantize(dense, args.bits, args.group_size, args.table, args.quantize_head)
+    dense_model = Llama(cfg)
+    flute_model = Llama(cfg, quant=quant, quantize_head=args.quantize_head)
+
+    if args.prompt_ids:
+        prompt = np.array([[int(t) for t in args.prompt_ids.split(",")]], np.int32)
+    else:
+        prompt = np.random.default_rng(args.seed).integers(0, cfg.vocab, (args.batch, args.prompt_len)).astype(np.int32)
+    dense_tokens = generate(dense_model, dense, prompt, args.steps)
+    flute_tokens = generate(flute_model, qparams, prompt, args.steps)
+    # agreement on the same (bf16-generated) sequence, teacher-forced
+    stats = agreement(full_logits(dense_model, dense, dense_tokens), full_logits(flute_model, qparams, dense_tokens))
+    stats.update(
+        generated_match=float(np.mean(dense_tokens[:, prompt.shape[1]:] == flute_tokens[:, prompt.shape[1]:])),
+        dense_bytes=fnn.tree_bytes(dense),
+        flute_bytes=fnn.tree_bytes(qparams),
+    )
+    print(f"config {args.config if not args.hf else args.hf}: {cfg}")
+    print(f"params: bf16 {stats['dense_bytes'] / 2**20:.1f} MiB -> flute {args.bits}-bit g{args.group_size} "
+          f"{stats['flute_bytes'] / 2**20:.1f} MiB")
+    print(f"bf16  tokens: {dense_tokens[0].tolist()}")
+    print(f"flute tokens: {flute_tokens[0].tolist()}")
+    print(f"top-1 match {stats['top1_match']:.3f}  logit cosine {stats['logit_cosine']:.4f}  "
+          f"greedy continuation match {stats['generated_match']:.3f}")
+    stats["dense_tokens"], stats["flute_tokens"] = dense_tokens, flute_tokens
+    return stats
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
