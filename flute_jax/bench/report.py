@@ -96,6 +96,8 @@ def text_table(doc: dict) -> str:
     ]
     if not doc.get("complete", True):
         out.append("(incomplete: stopped by --time-budget or Ctrl-C)")
+    split = time_split(results)
+    out.append(f"elapsed {doc.get('elapsed_s', 0):.1f} s: " + ", ".join(f"{k} {v:.1f} s" for k, v in split.items()))
     out += ["", *kernel_lines(results, markdown=False)]
     failed = check_failures(results)
     if failed:
@@ -141,7 +143,7 @@ def kernel_lines(results: list[dict], markdown: bool) -> list[str]:
     out = ["Kernels per call" + (" (device trace), and compiled HLO ops:" if markdown else ":")]
     for (name, kernels, ops), where in seen.items():
         example = ", ".join(where[:2]) + (f" +{len(where) - 2} more" if len(where) > 2 else "")
-        kern = "; ".join(kernels) if kernels else "(no device trace on CPU)"
+        kern = "; ".join(_short(k) for k in kernels) if kernels else "(no device trace on CPU)"
         if markdown:
             out.append(f"- **{name}** ({example}): kernels `{kern}`; HLO `{' '.join(ops)}`")
         else:
@@ -149,6 +151,25 @@ def kernel_lines(results: list[dict], markdown: bool) -> list[str]:
             out.append(f"            kernels: {kern}")
             out.append(f"            HLO ops: {' '.join(ops)}")
     return out
+
+
+def _short(name: str, limit: int = 90) -> str:
+    """Kernel names can be long C++ template names: keep the head and the tail."""
+    return name if len(name) <= limit else name[: limit - 25] + "..." + name[-22:]
+
+
+def time_split(results: list[dict]) -> dict:
+    """Seconds spent per phase over all distinct measurements (to budget GPU time)."""
+    total, seen = {}, set()
+    for r in results:
+        for rec in r["methods"].values():
+            sec = rec.get("seconds")
+            key = (rec.get("method"), json.dumps(sec, sort_keys=True))  # reused measurements count once
+            if sec and key not in seen:
+                seen.add(key)
+                for k, v in sec.items():
+                    total[k] = total.get(k, 0.0) + v
+    return total
 
 
 def geomean(values: list[float]) -> Optional[float]:

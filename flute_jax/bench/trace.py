@@ -44,8 +44,10 @@ DERIVED_LINES = (
 
 
 def find_trace_file(log_dir: str) -> str:
-    """The newest ``perfetto_trace.json.gz`` under ``log_dir``; FileNotFoundError if none."""
+    """The newest ``perfetto_trace.json.gz`` (else ``*.trace.json.gz``) under ``log_dir``."""
     paths = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not paths:  # the perfetto file is this one minus its "metadata" key
+        paths = glob.glob(os.path.join(log_dir, "**", "*.trace.json.gz"), recursive=True)
     if not paths:
         raise FileNotFoundError(
             f"no perfetto_trace.json.gz under {log_dir}: was jax.profiler.trace called with "
