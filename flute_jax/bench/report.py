@@ -194,6 +194,18 @@ def summary(results: list[dict]) -> dict:
     return {k: {**{n: geomean(v) for n, v in acc[k].items()}, "shapes": count[k]} for k in sorted(count)}
 
 
+def merged_results(docs: list[dict]) -> list[dict]:
+    """Points of several runs; a point measured in more than one run is kept from the first."""
+    seen, out = set(), []
+    for doc in docs:
+        for r in doc["results"]:
+            key = (r["m"], r["k"], r["n"], r["bits"], r["group_size"], r["dtype"])
+            if key not in seen:
+                seen.add(key)
+                out.append(r)
+    return out
+
+
 def markdown(docs: list[dict]) -> str:
     """BENCHMARKS.md: environment, headline summary, full table, kernels."""
     out = ["# flute_jax benchmarks", ""]
@@ -207,7 +219,7 @@ def markdown(docs: list[dict]) -> str:
             f"L2 {env['l2_bytes'] / 2**20:.0f} MiB ({env['l2_source']})",
             f"  - command: `{env['command']}`" + ("" if doc.get("complete", True) else " (incomplete)"),
         ]
-    results = [r for doc in docs for r in doc["results"]]
+    results = merged_results(docs)
     names = _methods_in(results)
     out += ["", "Speed-up = time of XLA's dot in the same dtype / time. Roofline = (packed weights + scales + x + y) "
             "bytes at the measured copy bandwidth; \"roof\" = roofline time / time. Ceiling = the speed-up over the "
@@ -241,7 +253,7 @@ def plot(docs: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = [r for doc in docs for r in doc["results"]]
+    results = merged_results(docs)
     if not results:
         raise ValueError("no results to plot")
     summ = summary(results)
