@@ -5,15 +5,18 @@
     w_hat = flute_jax.dequantize(qw)                                # [K, N]
 """
 
-from . import tables
+from . import convert, tables
 from .layout import pack, unpack
 from .ops import qgemm
 from .quantize import QuantizedWeight, dequantize, quantize
+from .calibrate import calibrate  # the function; flute_jax.calibrate's helpers: from flute_jax.calibrate import ...
 from .export import export_disabled_checks
 from .sharding import shard_specs
 
 __all__ = [
     "QuantizedWeight",
+    "calibrate",
+    "convert",
     "dequantize",
     "export_disabled_checks",
     "pack",
