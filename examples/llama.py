@@ -57,8 +57,8 @@ class Config:
 CONFIGS = {
     # small enough for a CPU test in seconds; K of every row-parallel layer splits 4 ways
     # into whole 256-row blocks (tp_inference.py), N of every layer into 16-column blocks
-    "tiny": Config(vocab=512, dim=256, layers=2, heads=4, kv_heads=2, hidden=1024, head_dim=64),
-    "tiny-tied": Config(vocab=512, dim=256, layers=2, heads=4, kv_heads=2, hidden=1024, head_dim=64, tie_embeddings=True),
+    "tiny": Config(vocab=512, dim=512, layers=2, heads=8, kv_heads=4, hidden=1024, head_dim=128),
+    "tiny-tied": Config(vocab=512, dim=512, layers=2, heads=8, kv_heads=4, hidden=1024, head_dim=128, tie_embeddings=True),
     "8b": Config(vocab=128256, dim=4096, layers=32, heads=32, kv_heads=8, hidden=14336, head_dim=128,
                  rope_scaling=(8.0, 1.0, 4.0, 8192)),
     "70b": Config(vocab=128256, dim=8192, layers=80, heads=64, kv_heads=8, hidden=28672, head_dim=128,
@@ -187,17 +187,18 @@ def init_cache(cfg: Config, batch: int, length: int, dtype=jnp.bfloat16) -> tupl
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.layers))
 
 
-def random_params(cfg: Config, seed: int = 0) -> dict:
-    """bf16 params of the dense model (boxed with logical axis names)."""
-    model = Llama(cfg)
+def random_params(cfg: Config, seed: int = 0, dtype=jnp.bfloat16) -> dict:
+    """Params of the dense model in ``dtype`` (boxed with logical axis names)."""
+    model = Llama(cfg, dtype=dtype)
     tokens = jnp.zeros((1, 1), jnp.int32)
     return jax.jit(model.init)(jax.random.key(seed), tokens, init_cache(cfg, 1, 1), 0)["params"]
 
 
-def quantize(params: dict, bits: int, group_size: int, table: str = "nf", quantize_head: bool = False) -> dict:
+def quantize(params: dict, bits: int, group_size: int, table: str = "nf", quantize_head: bool = False,
+             dtype=jnp.bfloat16) -> dict:
     """The dense model's params -> the FLUTE model's (lm_head and embedding stay bf16 by default)."""
     where = None if quantize_head else (lambda path, kernel: path[-1] != "lm_head")
-    return fnn.quantize_params(params, bits=bits, group_size=group_size, table=table, dtype=jnp.bfloat16, where=where)
+    return fnn.quantize_params(params, bits=bits, group_size=group_size, table=table, dtype=dtype, where=where)
 
 
 # ----------------------------------------------------------------------------- running it

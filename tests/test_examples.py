@@ -1,0 +1,100 @@
+"""The examples run (tiny configs, CPU) and say what they should."""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flute_jax as fj
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+sys.path.insert(0, EXAMPLES)
+
+import llama  # noqa: E402
+import quickstart  # noqa: E402
+import tp_inference  # noqa: E402
+
+
+def test_quickstart():
+    results = quickstart.main([])
+    for (bits, _, _), r in results.items():
+        assert r["kernel_error"] < 1e-2  # bf16 output rounding
+        assert r["quantization_error"] < {4: 0.12, 3: 0.25, 2: 0.6}[bits]
+
+
+def test_llama_tiny_quantized_agrees():
+    stats = llama.main(["--steps", "6", "--prompt-len", "6", "--batch", "2"])
+    assert stats["flute_bytes"] < 0.45 * stats["dense_bytes"]  # embed + head stay bf16
+    assert stats["top1_match"] > 0.5 and stats["logit_cosine"] > 0.9
+    np.testing.assert_array_equal(stats["dense_tokens"][:, :6], stats["flute_tokens"][:, :6])  # the prompt
+
+
+def test_kv_cache_decode_matches_full_pass():
+    cfg = llama.CONFIGS["tiny-tied"]
+    params = nn.meta.unbox(llama.random_params(cfg, seed=3, dtype=jnp.float32))
+    model = llama.Llama(cfg, dtype=jnp.float32)
+    tokens = llama.generate(model, params, np.array([[1, 2, 3]], np.int32), 5)
+    full = llama.full_logits(model, params, tokens)
+    # greedy decoding with the cache picked the argmax of the full (cache-free) pass at each step
+    np.testing.assert_array_equal(full[0, 2:-1].argmax(-1), tokens[0, 3:])
+
+
+def test_hf_safetensors_loader(tmp_path, rng):
+    hf = {"vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "intermediate_size": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+          "tie_word_embeddings": False,
+          "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    r = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.1  # noqa: E731
+    tensors = {"model.embed_tokens.weight": r(96, 64), "model.norm.weight": 1 + r(64), "lm_head.weight": r(96, 64)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        tensors.update({p + "input_layernorm.weight": 1 + r(64), p + "post_attention_layernorm.weight": 1 + r(64),
+                        p + "self_attn.q_proj.weight": r(64, 64), p + "self_attn.k_proj.weight": r(32, 64),
+                        p + "self_attn.v_proj.weight": r(32, 64), p + "self_attn.o_proj.weight": r(64, 64),
+                        p + "mlp.gate_proj.weight": r(128, 64), p + "mlp.up_proj.weight": r(128, 64),
+                        p + "mlp.down_proj.weight": r(64, 128)})
+    # two shards, one in bf16, as HF writes big checkpoints
+    names = sorted(tensors)
+    llama.write_safetensors(str(tmp_path / "model-00001.safetensors"), {n: tensors[n] for n in names[:9]})
+    llama.write_safetensors(str(tmp_path / "model-00002.safetensors"),
+                            {n: tensors[n].astype(jnp.bfloat16) for n in names[9:]})
+    back = llama.read_safetensors(str(tmp_path / "model-00002.safetensors"))
+    assert back[names[9]].dtype == jnp.bfloat16
+    cfg, params = llama.load_hf(str(tmp_path))
+    assert (cfg.dim, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.rope_scaling) == (64, 4, 2, 16, (8.0, 1.0, 4.0, 64))
+    expected = np.asarray(jnp.asarray(tensors["model.layers.1.mlp.down_proj.weight"], jnp.bfloat16)).T
+    np.testing.assert_array_equal(params["layers_1"]["down"]["kernel"], expected)
+    # the loaded tree is exactly the model's params tree
+    abstract = nn.meta.unbox(llama.random_params(cfg))
+    assert jax_structure(params) == jax_structure(abstract)
+    stats = llama.main(["--hf", str(tmp_path), "--steps", "3", "--prompt-ids", "1,2,3", "--group-size", "32"])
+    assert stats["logit_cosine"] > 0.9
+    scaled = llama.rope_frequencies(cfg)
+    plain = llama.rope_frequencies(llama.Config(**{**cfg.__dict__, "rope_scaling": None}))
+    assert scaled[0] == plain[0] and np.isclose(scaled[-1], plain[-1] / 8)  # high freq kept, low freq / factor
+
+
+def jax_structure(tree):
+    import jax
+
+    return jax.tree.structure(jax.tree.map(lambda a: (a.shape, a.dtype), tree))
+
+
+def test_tp_inference_matches_single_device():
+    out = tp_inference.main([])
+    assert out["max_rel_diff"] < 1e-5 and out["top1"] == 1.0
+    assert out["up_shard"] == (2, 16, 512) and out["down_shard"] == (1, 32, 512)
+
+
+@pytest.mark.parametrize("script", ["quickstart.py"])
+def test_runs_as_a_script(script):
+    done = subprocess.run([sys.executable, os.path.join(EXAMPLES, script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "kernel vs float64" in done.stdout
