@@ -24,6 +24,8 @@ XLA reduce (no scatter-add), so gradients are deterministic on GPU as well.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -96,6 +98,29 @@ def _transpose_table(ct, x, codes, scales, *, bits, group_size, table_aval):
     return jnp.stack(per_entry).astype(table_aval.dtype)
 
 
+def _explicit_sharding(aval):
+    """The aval's NamedSharding if its mesh has Explicit axes (sharding in types), else None."""
+    sharding = getattr(aval, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in tuple(mesh.axis_types):
+        return None
+    return sharding
+
+
+def _auto(fn, out_aval, *args):
+    """Run ``fn`` with the partitioner choosing intermediate shardings.
+
+    With Explicit mesh axes every jnp op needs typed shardings, and unpacking
+    sharded codes (reshapes across the sharded block axes) has none; the
+    transposes below therefore run in Auto mode and return the cotangent with
+    the primal operand's sharding.
+    """
+    sharding = _explicit_sharding(out_aval)
+    if sharding is None:
+        return fn(*args)
+    return jax.sharding.auto_axes(fn, out_sharding=sharding)(*args)
+
+
 def _zero_tangent(aval):
     return ad.Zero(aval.to_tangent_aval())
 
@@ -134,15 +159,19 @@ def _transpose(ct, x, codes, scales, table, *, bits: int, group_size: int):
         raise ValueError("flute_qgemm transpose: expected exactly one linear operand")
     params = dict(bits=bits, group_size=group_size)
     if undefined[0]:
-        out = None if type(ct) is ad.Zero else _transpose_x(ct, codes, scales, table, x_aval=x.aval, **params)
-        return (out if out is not None else _zero_tangent(x.aval)), None, None, None
+        if type(ct) is ad.Zero:
+            return _zero_tangent(x.aval), None, None, None
+        rule = functools.partial(_transpose_x, x_aval=x.aval, **params)
+        return _auto(rule, x.aval, ct, codes, scales, table), None, None, None
     if undefined[2]:
         if type(ct) is ad.Zero:
             return None, None, _zero_tangent(scales.aval), None
-        return None, None, _transpose_scales(ct, x, codes, table, scales_aval=scales.aval, **params), None
+        rule = functools.partial(_transpose_scales, scales_aval=scales.aval, **params)
+        return None, None, _auto(rule, scales.aval, ct, x, codes, table), None
     if type(ct) is ad.Zero:
         return None, None, None, _zero_tangent(table.aval)
-    return None, None, None, _transpose_table(ct, x, codes, scales, table_aval=table.aval, **params)
+    rule = functools.partial(_transpose_table, table_aval=table.aval, **params)
+    return None, None, None, _auto(rule, table.aval, ct, x, codes, scales)
 
 
 def register(prim: Primitive) -> None:

@@ -155,7 +155,16 @@ def _spmd_lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
 
 
 def _abstract_eval(x, codes, scales, table, *, bits: int, group_size: int):
-    return jax.core.ShapedArray((x.shape[0], scales.shape[1]), x.dtype)
+    shape = (x.shape[0], scales.shape[1])
+    sharding = autodiff._explicit_sharding(x)
+    if sharding is None:
+        return jax.core.ShapedArray(shape, x.dtype)
+    # Explicit mesh axes (sharding in types): y keeps x's batch sharding and the
+    # weight's N sharding; a K sharding is summed away inside the op.
+    w_axes = _dim_axes(codes.sharding, 0) + _dim_axes(codes.sharding, 1)
+    m_axes = tuple(a for a in _dim_axes(x.sharding, 0) if a not in w_axes)
+    spec = PartitionSpec(_spec_entry(m_axes), _spec_entry(_dim_axes(codes.sharding, 1)))
+    return jax.core.ShapedArray(shape, x.dtype, sharding=NamedSharding(sharding.mesh, spec))
 
 
 qgemm_spmd_p.def_abstract_eval(_abstract_eval)
@@ -192,7 +201,8 @@ def _sharding_rule(bits, group_size, mesh, operand_types, result_types):
     del bits, mesh, result_types
     (_, k), (kb, nb, _), (g, n), _ = (tuple(mlir.ir.RankedTensorType(t).shape) for t in operand_types)
     sizes, replicated = {}, ["w", "t"]
-    if k == kb * layout.BLOCK_K:
+    # (A factor of size 1 may not be part of a compound factor; nothing to shard then.)
+    if k == kb * layout.BLOCK_K and kb > 1:
         x_k = "(kb kin)"
         sizes["kin"] = layout.BLOCK_K
         replicated.append("kin")
@@ -207,7 +217,7 @@ def _sharding_rule(bits, group_size, mesh, operand_types, result_types):
         reduction = ["kb"]
     else:
         x_k, s_k, reduction = "k", "g", ["k", "kb"]
-    if n == nb * layout.BLOCK_N:
+    if n == nb * layout.BLOCK_N and nb > 1:
         s_n = y_n = "(nb nin)"
         sizes["nin"] = layout.BLOCK_N
         replicated.append("nin")
