@@ -20,9 +20,19 @@ import flute_jax as fj
 MOVES_DATA = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter")
 
 
+def _cpu(tree):
+    """Unsharded references run on the same (CPU) backend as the sharded programs."""
+    return jax.device_put(tree, jax.devices("cpu")[0])
+
+
+def _mesh(shape, names, **kw):
+    # The 8 simulated CPU devices, also on a GPU machine (one GPU there).
+    return jax.make_mesh(shape, names, devices=jax.devices("cpu")[: int(np.prod(shape))], **kw)
+
+
 @pytest.fixture(scope="module")
 def mesh():
-    return jax.make_mesh((2, 4), ("data", "model"))
+    return _mesh((2, 4), ("data", "model"))
 
 
 def _weight(rng, k, n, *, bits=4, group_size=64, dtype=jnp.float32):
@@ -66,7 +76,7 @@ def test_batch_sharded(rng, mesh, dtype):
     x = jnp.asarray(rng.standard_normal((16, 300)), dtype)
     y, ops, _ = _run(mesh, x, qw, P(("data", "model")))
     assert y.sharding.spec[0] in ("data", ("data", "model"))
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(fj.qgemm(x, qw)))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(fj.qgemm(*_cpu((x, qw)))))
     assert not any(ops.values()), ops
 
 
@@ -76,7 +86,7 @@ def test_column_parallel(rng, mesh, bits, group_size):
     x = jnp.asarray(rng.standard_normal((6, 200)), jnp.float32)
     y, ops, _ = _run(mesh, x, qw, P(), n_axis="model")
     assert tuple(y.sharding.spec) == (None, "model")
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(fj.qgemm(x, qw)))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(fj.qgemm(*_cpu((x, qw)))))
     assert not any(ops.values()), ops
 
 
@@ -87,7 +97,7 @@ def test_row_parallel(rng, mesh, group_size, dtype):
     y, ops, _ = _run(mesh, x, qw, P(None, "model"), k_axis="model")
     assert ops["all-reduce"] == 1 and not any(ops[o] for o in MOVES_DATA), ops
     ref = reference_qgemm(x, qw)
-    unsharded = fj.qgemm(x, qw)
+    unsharded = fj.qgemm(*_cpu((x, qw)))
     # float32 partial sums, one rounding: as accurate as the unsharded kernel.
     assert rel_error(y, ref) < TOLERANCE[dtype]
     assert rel_error(y, np.asarray(unsharded.astype(jnp.float32), np.float64)) < TOLERANCE[dtype]
@@ -117,13 +127,13 @@ def test_2d_mesh_data_and_model(rng, mesh):
     # data x column parallel: y sharded on both, nothing communicated.
     y, ops, _ = _run(mesh, x, qw, P("data"), n_axis="model")
     assert tuple(y.sharding.spec) == ("data", "model")
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(fj.qgemm(x, qw)))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(fj.qgemm(*_cpu((x, qw)))))
     assert not any(ops.values()), ops
     # data x row parallel over a 2-device K split and column parallel N on the other axis.
-    mesh2 = jax.make_mesh((2, 2, 2), ("data", "k", "n"))
+    mesh2 = _mesh((2, 2, 2), ("data", "k", "n"))
     y, ops, _ = _run(mesh2, x, qw, P("data", "k"), k_axis="k", n_axis="n")
     assert tuple(y.sharding.spec) == ("data", "n")
-    _assert_close(y, fj.qgemm(x, qw))
+    _assert_close(y, fj.qgemm(*_cpu((x, qw))))
     assert ops["all-reduce"] == 1 and not any(ops[o] for o in MOVES_DATA), ops
 
 
@@ -134,7 +144,7 @@ def test_replicated_weight_follows_output_sharding(rng, mesh):
     x = jnp.asarray(rng.standard_normal((4, 256)), jnp.float32)
     y, ops, _ = _run(mesh, x, qw, P(), out_spec=P(None, "model"))
     assert tuple(y.sharding.spec) == (None, "model")
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(fj.qgemm(x, qw)))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(fj.qgemm(*_cpu((x, qw)))))
     assert not ops["all-gather"] and not ops["all-reduce"], ops
 
 
@@ -148,7 +158,7 @@ def test_grad_with_sharded_weights(rng, mesh):
         return jnp.sum(jnp.tanh(fj.qgemm(x, dataclasses.replace(qw, scales=scales))))
 
     g = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    for a, b in zip(g(xs, qws.scales, qws), g(x, qw.scales, qw)):
+    for a, b in zip(g(xs, qws.scales, qws), g(*_cpu((x, qw.scales, qw)))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
@@ -170,7 +180,7 @@ def test_scan_over_sharded_stacked_layers(rng, mesh):
 
     xs = jax.device_put(x, NamedSharding(mesh, P("data")))
     compiled = jax.jit(run, static_argnums=2).lower(xs, sharded, True).compile()
-    np.testing.assert_allclose(np.asarray(compiled(xs, sharded)), np.asarray(run(x, stacked)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(compiled(xs, sharded)), np.asarray(run(*_cpu((x, stacked)))), rtol=1e-6, atol=1e-6)
     # y is N-sharded, the next layer needs its K whole: only activations move.
     text = compiled.as_text()
     for line in text.splitlines():
@@ -198,7 +208,7 @@ def test_shard_map_row_and_column_parallel(rng, mesh, group_size):
     f = jax.jit(_shard_map(local, mesh, (P(None, "data"), specs), P(None, "model")))
     x = jax.device_put(x, NamedSharding(mesh, P(None, "data")))
     y = f(x, qws)
-    _assert_close(y, fj.qgemm(x, qw))
+    _assert_close(y, fj.qgemm(*_cpu((x, qw))))
     ops = _collectives(f.lower(x, qws).compile().as_text())
     assert ops["all-reduce"] == 1 and not any(ops[o] for o in MOVES_DATA), ops
 
@@ -256,15 +266,15 @@ def test_partitioner_rejects_split_blocks(rng, mesh):
 @pytest.mark.parametrize("k_axis,n_axis", [(None, "model"), ("model", None)])
 def test_auto_axes_mesh(rng, k_axis, n_axis):
     # Classic (Auto axis types) meshes: Shardy propagates through the rule.
-    auto = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    auto = _mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     qw = _weight(rng, 1024, 64, group_size=64)
     x = jnp.asarray(rng.standard_normal((6, 1024)), jnp.float32)
     y, ops, _ = _run(auto, x, qw, P("data", k_axis), k_axis=k_axis, n_axis=n_axis)
-    _assert_close(y, fj.qgemm(x, qw))
+    _assert_close(y, fj.qgemm(*_cpu((x, qw))))
     assert ops["all-reduce"] == (1 if k_axis else 0) and not any(ops[o] for o in MOVES_DATA), ops
     qws = _put(auto, qw, fj.shard_specs(qw, k_axis, n_axis, mesh=auto))
     loss = lambda x, s, w: jnp.sum(jnp.tanh(fj.qgemm(x, dataclasses.replace(w, scales=s))))  # noqa: E731
     g = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    for a, b in zip(g(x, qws.scales, qws), g(x, qw.scales, qw)):
+    for a, b in zip(g(x, qws.scales, qws), g(*_cpu((x, qw.scales, qw)))):
         # The K-sharded forward rounds differently (float32 partials), and tanh' amplifies it a little.
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * np.abs(np.asarray(b)).max())
