@@ -206,9 +206,10 @@ def test_shard_map_row_and_column_parallel(rng, mesh, group_size):
         return jax.lax.psum(fj.qgemm(x, w), "data")
 
     f = jax.jit(_shard_map(local, mesh, (P(None, "data"), specs), P(None, "model")))
+    ref = fj.qgemm(*_cpu((x, qw)))
     x = jax.device_put(x, NamedSharding(mesh, P(None, "data")))
     y = f(x, qws)
-    _assert_close(y, fj.qgemm(*_cpu((x, qw))))
+    _assert_close(y, ref)
     ops = _collectives(f.lower(x, qws).compile().as_text())
     assert ops["all-reduce"] == 1 and not any(ops[o] for o in MOVES_DATA), ops
 
