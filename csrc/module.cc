@@ -1,6 +1,9 @@
 // nanobind module: hands the FFI handlers to Python as PyCapsules, which
 // flute_jax/_ffi.py registers with jax.ffi.register_ffi_target.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+#include <string>
 
 #include "qgemm_handlers.h"
 #include "qgemm_plan.h"
@@ -31,17 +34,16 @@ NB_MODULE(_flute_ffi, m) {
     return targets;
   });
   // The CUDA handler's plan for a call, for the lowering's workspace size and for tests.
-  m.def("cuda_plan", [](int64_t m_rows, int64_t k, int64_t n, int64_t group_rows, bool is_half) {
-    int sm_count = 0;
+  m.def("cuda_plan", [](int64_t m_rows, int64_t k, int64_t n, int64_t group_rows, int bits,
+                        std::string dtype) {
+    flute_jax::FlutePlan plan;
 #ifdef FLUTE_JAX_WITH_CUDA
-    sm_count = flute_jax::CudaSmCount();
+    plan = flute_jax::MakeFlutePlan(m_rows, k, n, group_rows, bits, dtype != "float32", dtype == "bfloat16");
 #endif
-    const flute_jax::FlutePlan plan = flute_jax::PlanFlute(m_rows, k, n, group_rows, is_half, sm_count);
     nb::dict out;
     out["kernel"] = plan.fast ? "flute" : "simple";
     out["grid"] = plan.grid;
     out["workspace_bytes"] = plan.workspace_bytes;
-    out["sm_count"] = sm_count;
     return out;
   });
 #ifdef FLUTE_JAX_WITH_CUDA

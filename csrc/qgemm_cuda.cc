@@ -36,7 +36,8 @@ ffi::Error QgemmCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi:
     return err;
   if (d.m == 0) return ffi::Error::Success();
   const auto type = x.element_type();
-  const FlutePlan plan = PlanFlute(d.m, d.k, d.n, d.group_rows, type != ffi::DataType::F32, CudaSmCount());
+  const FlutePlan plan = MakeFlutePlan(d.m, d.k, d.n, d.group_rows, d.bits, type != ffi::DataType::F32,
+                                       type == ffi::DataType::BF16);
   cudaError_t status;
   if (plan.fast && static_cast<int64_t>(workspace->size_bytes()) >= plan.workspace_bytes) {
     status = LaunchQgemmFlute(stream, type == ffi::DataType::BF16, x.untyped_data(), codes.typed_data(),

@@ -1,8 +1,9 @@
-// Instantiations and launcher of the FLUTE kernel (see qgemm_flute.cuh).
-// Templates: bits {2, 3, 4} x dtype {f16, bf16} x m-blocks {1, 2, 4}; group size
-// is a run-time argument.
+// Instantiations, planning and launch of the FLUTE kernel (see qgemm_flute.cuh).
+// Templates: bits {2, 3, 4} x dtype {f16, bf16} x m-blocks {1, 2, 4} x flush
+// period {2, 8}; the group size itself is a run-time argument.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <climits>
 
 #include "qgemm_flute.cuh"
@@ -11,46 +12,87 @@
 namespace flute_jax {
 namespace {
 
-template <int kBits, typename T, int kMBlocks>
-cudaError_t LaunchOne(cudaStream_t stream, const flute::Params& p) {
-  constexpr int smem = flute::Smem<kBits, kMBlocks>::kTotal;
-  auto kernel = flute::FluteQgemmKernel<kBits, T, kMBlocks>;
-  // Raise the dynamic shared-memory limit once per instantiation (not a stream op).
-  static const cudaError_t attr_status =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (attr_status != cudaSuccess) return attr_status;
-  kernel<<<p.grid, flute::kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
-}
+// Tiles per scale flush: 2 for group sizes 32 and 64, 8 for larger groups.
+int FlushTiles(int64_t group_rows, int64_t groups) { return groups > 1 && group_rows <= 64 ? 2 : 8; }
 
-template <int kBits, typename T>
-cudaError_t LaunchBits(cudaStream_t stream, int m_blocks, const flute::Params& p) {
-  switch (m_blocks) {
-    case 1: return LaunchOne<kBits, T, 1>(stream, p);
-    case 2: return LaunchOne<kBits, T, 2>(stream, p);
-    default: return LaunchOne<kBits, T, 4>(stream, p);
-  }
-}
-
-template <typename T>
-cudaError_t LaunchTyped(cudaStream_t stream, int bits, int m_blocks, const flute::Params& p) {
+// Calls `fn` with the kernel instance for (bits, bf16, m_blocks, flush) and its
+// shared-memory size.
+template <typename Fn>
+cudaError_t WithKernel(int bits, bool bf16, int m_blocks, int flush, Fn&& fn) {
+  auto pick = [&](auto bits_c, auto type_c) -> cudaError_t {
+    constexpr int kBits = decltype(bits_c)::value;
+    using T = typename decltype(type_c)::type;
+    auto by_flush = [&](auto mb_c) -> cudaError_t {
+      constexpr int kMB = decltype(mb_c)::value;
+      constexpr int smem = flute::Smem<kBits, kMB>::kTotal;
+      return flush == 2 ? fn(flute::FluteQgemmKernel<kBits, T, kMB, 2>, smem)
+                        : fn(flute::FluteQgemmKernel<kBits, T, kMB, 8>, smem);
+    };
+    switch (m_blocks) {
+      case 1: return by_flush(std::integral_constant<int, 1>{});
+      case 2: return by_flush(std::integral_constant<int, 2>{});
+      default: return by_flush(std::integral_constant<int, 4>{});
+    }
+  };
+  struct Bf16 { using type = __nv_bfloat16; };
+  struct F16 { using type = __half; };
   switch (bits) {
-    case 2: return LaunchBits<2, T>(stream, m_blocks, p);
-    case 3: return LaunchBits<3, T>(stream, m_blocks, p);
-    default: return LaunchBits<4, T>(stream, m_blocks, p);
+    case 2: return bf16 ? pick(std::integral_constant<int, 2>{}, Bf16{}) : pick(std::integral_constant<int, 2>{}, F16{});
+    case 3: return bf16 ? pick(std::integral_constant<int, 3>{}, Bf16{}) : pick(std::integral_constant<int, 3>{}, F16{});
+    default: return bf16 ? pick(std::integral_constant<int, 4>{}, Bf16{}) : pick(std::integral_constant<int, 4>{}, F16{});
   }
+}
+
+// Raises the kernel's dynamic shared-memory limit (once per instance is enough;
+// repeating it is harmless and not a stream operation, so capture-safe).
+template <typename Kernel>
+cudaError_t Prepare(Kernel kernel, int smem) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+}
+
+// Blocks of one kernel instance that fit on a multiprocessor, cached per instance.
+int BlocksPerSm(int bits, bool bf16, int m_blocks, int flush) {
+  static std::atomic<int> cache[3][2][3][2];  // 0 = not yet known
+  std::atomic<int>& slot = cache[bits - 2][bf16][m_blocks == 1 ? 0 : m_blocks == 2 ? 1 : 2][flush == 2 ? 0 : 1];
+  int known = slot.load(std::memory_order_relaxed);
+  if (known > 0) return known;
+  int blocks = 0;
+  const cudaError_t status = WithKernel(bits, bf16, m_blocks, flush, [&](auto kernel, int smem) {
+    cudaError_t s = Prepare(kernel, smem);
+    if (s != cudaSuccess) return s;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, flute::kThreads, smem);
+  });
+  if (status != cudaSuccess) {
+    cudaGetLastError();  // not sticky: clear it so later calls are unaffected
+    return 0;
+  }
+  slot.store(blocks, std::memory_order_relaxed);
+  return blocks;
+}
+
+int CudaSmCount() {
+  static std::atomic<int> cached{0};
+  int known = cached.load(std::memory_order_relaxed);
+  if (known > 0) return known;
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  cached.store(count, std::memory_order_relaxed);
+  return count;
 }
 
 }  // namespace
 
-int CudaSmCount() {
-  int device = 0, count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky-free error so later calls are unaffected
-    return 0;
-  }
-  return count;
+FlutePlan MakeFlutePlan(int64_t m, int64_t k, int64_t n, int64_t group_rows, int bits, bool is_half_type,
+                        bool bf16) {
+  if (!FluteApplies(m, k, n, group_rows, is_half_type)) return FlutePlan{};
+  const int64_t groups = (k + group_rows - 1) / group_rows;
+  const int sm_count = CudaSmCount();
+  const int blocks = sm_count > 0 ? BlocksPerSm(bits, bf16, FluteMBlocks(m), FlushTiles(group_rows, groups)) : 0;
+  return PlanFlute(m, k, n, group_rows, is_half_type, sm_count, blocks);
 }
 
 cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, const uint32_t* codes,
@@ -75,18 +117,24 @@ cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, cons
   p.k_units = plan.k_units;
   p.columns = plan.columns;
   p.groups = static_cast<int>(d.groups);
-  p.group_rows = static_cast<int>(d.group_rows);
-  p.group_tiles = d.groups == 1 ? INT_MAX / 2 : static_cast<int>(d.group_rows / 16);
+  int shift = 0;
+  while ((int64_t{16} << shift) < d.group_rows) ++shift;
+  p.group_shift = d.groups == 1 ? 30 : shift;  // group_rows = 16 << shift (a power of two)
   p.grid = plan.grid;
-  const int elem = 2;
+  const int flush = FlushTiles(d.group_rows, d.groups);
+  constexpr int kElementBytes = 2;
   for (int64_t m0 = 0; m0 < d.m; m0 += plan.rows_per_launch) {
     p.m = static_cast<int>(std::min<int64_t>(plan.rows_per_launch, d.m - m0));
-    p.x = static_cast<const char*>(x) + m0 * d.k * elem;
-    p.y = static_cast<char*>(y) + m0 * d.n * elem;
+    p.x = static_cast<const char*>(x) + m0 * d.k * kElementBytes;
+    p.y = static_cast<char*>(y) + m0 * d.n * kElementBytes;
     cudaError_t status = cudaMemsetAsync(p.counters, 0, counter_bytes, stream);
     if (status != cudaSuccess) return status;
-    status = bf16 ? LaunchTyped<__nv_bfloat16>(stream, static_cast<int>(d.bits), plan.m_blocks, p)
-                  : LaunchTyped<__half>(stream, static_cast<int>(d.bits), plan.m_blocks, p);
+    status = WithKernel(static_cast<int>(d.bits), bf16, plan.m_blocks, flush, [&](auto kernel, int smem) {
+      cudaError_t s = Prepare(kernel, smem);
+      if (s != cudaSuccess) return s;
+      kernel<<<p.grid, flute::kThreads, smem, stream>>>(p);
+      return cudaGetLastError();
+    });
     if (status != cudaSuccess) return status;
   }
   return cudaSuccess;

@@ -1,24 +1,26 @@
-// The FLUTE qgemm kernel for memory-bound shapes (M <= 32 per launch).
+// The FLUTE qgemm kernel for memory-bound shapes (M <= 32 rows per launch).
 //
-//   y[m, n] = sum_k x[m, k] * table[code(k, n)] * scales[k / group_rows, n]
+//   y[m, n] = sum_g scales[g, n] * sum_{k in group g} x[m, k] * table[code(k, n)]
 //
 // Tensor cores compute y^T = W^T x^T with mma.sync.m16n8k16 (fp32 accumulate):
-// A = W^T (16 output features x 16 input features) comes straight from the
-// packed codes, whose layout (flute_jax/layout.py) puts a lane's codes in the
-// A-fragment order; B = x^T (16 k x 8 tokens) comes from shared memory.
+// A = table values of W^T (16 output features x 16 input features) come straight
+// from the packed codes, whose layout (flute_jax/layout.py) puts a lane's codes
+// in A-fragment order; B = x^T (16 k x 8 tokens) comes from shared memory via
+// ldmatrix.
 //
 // The paper's three ideas:
 //  1. Offline restructuring: a lane's 16-byte loads of a 256 x 16 unit hold the
 //     codes of its A fragments for 16 k-tiles; no shuffles.
-//  2. Vectorized lookup: a table of *pairs* (2^(2 bits) entries of half2 / bf162)
-//     maps two adjacent-k codes to one A register. The table is stored 32 times,
-//     interleaved so that lane l always reads bank l: lookups never conflict.
-//     Scales are applied per group with one packed multiply per pair.
-//  3. Stream-K: the (64-column, 256-k) iteration space is split evenly over a
-//     persistent grid of 2 blocks per SM. A column split between blocks is fixed
-//     up by whichever block finishes its part last; it sums all parts in block
-//     order, so results are bitwise deterministic.
-// Codes, x and scales stream through a 4-stage cp.async pipeline (16-byte loads).
+//  2. Vectorized lookup: a table of *pairs* (2^(2 bits) entries of half2/bf162)
+//     maps two adjacent-k codes to one A register. It is stored 32 times,
+//     interleaved so lane l always reads bank l: lookups never conflict.
+//     Scales are applied per group, in fp32, to the group's mma accumulator
+//     (a few FFMAs per group instead of a multiply per weight pair).
+//  3. Stream-K: the (128-column, 256-k) iteration space is split evenly over a
+//     persistent grid (as many blocks as fit on the GPU). A column split between
+//     blocks is fixed up by whichever block finishes its part last; it sums all
+//     parts in block order, so results are bitwise deterministic.
+// Codes, x and scales stream through a 3-stage cp.async pipeline of 16-byte loads.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -26,21 +28,22 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda_types.cuh"
 
 namespace flute_jax {
 namespace flute {
 
-constexpr int kWarps = 4;                // each warp owns one 16-wide N-block of a column
+constexpr int kWarps = 8;                // each warp owns one 16-wide N-block of a column
 constexpr int kThreads = 32 * kWarps;
 constexpr int kColumnN = 16 * kWarps;    // output features per Stream-K column
-constexpr int kStages = 4;
+constexpr int kStages = 3;
 constexpr int kUnitK = 256;              // input features per iteration (one packed unit)
-constexpr int kXStride = kUnitK + 8;     // x row pitch in shared memory (halves): conflict-free B loads
-constexpr int kScaleRows = 9;            // scale rows a 256-k unit can touch (group_rows >= 32)
+constexpr int kTiles = kUnitK / 16;
+constexpr int kXStride = kUnitK + 8;     // x row pitch in shared memory (halves): conflict-free ldmatrix
+constexpr int kScaleRows = 8;            // scale rows of one unit (group_rows >= 32, powers of two)
 constexpr int kCopies = 32;              // pair-table copies, one per bank
-constexpr int kBlocksPerSm = 2;
 
 // Kernel arguments (plain values: the kernel is capture-safe).
 struct Params {
@@ -53,7 +56,8 @@ struct Params {
   int* counters;          // [columns] arrivals per split column (zeroed before launch)
   int m, k, n;            // this launch's rows, and the problem's K, N
   int n_blocks, k_units, columns;
-  int groups, group_rows, group_tiles;  // group_tiles = group_rows / 16 (huge if one group)
+  int groups;
+  int group_shift;        // log2(group_rows / 16); 30 when there is a single group
   int grid;
 };
 
@@ -70,6 +74,13 @@ __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool val
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
 
 template <typename T>
 __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -100,7 +111,7 @@ struct Smem {
   static constexpr int kTotal = kTableBytes + kStages * kStageBytes;
 };
 
-// The block that runs Stream-K iteration `i` and the first iteration of block `b`.
+// Stream-K bookkeeping: block b runs iterations [IterStart(b), IterStart(b + 1)).
 __device__ __forceinline__ int64_t IterStart(int64_t b, int64_t total, int64_t grid) {
   return b * total / grid;
 }
@@ -115,16 +126,25 @@ __device__ __forceinline__ int SlotOf(int b, int c, int64_t total, int64_t grid,
   return 2 * b + (c == IterStart(b, total, grid) / k_units ? 0 : 1);
 }
 
-template <int kBits, typename T, int kMBlocks>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) FluteQgemmKernel(const Params p) {
+// Byte offset in the pair table of the pair index held in bits [shift, shift + width)
+// of `word`, for this lane's copy: entry * 128 + lane * 4 (lane4 = 4 * lane, bits
+// 2..6, never overlapping the entry bits). Compiles to a shift and one LOP3.
+template <int kWidth>
+__device__ __forceinline__ uint32_t PairOffset(uint32_t word, int shift, uint32_t lane4) {
+  constexpr uint32_t mask = ((1u << kWidth) - 1) << 7;
+  const uint32_t moved = shift >= 7 ? word >> (shift - 7) : word << (7 - shift);
+  return (moved & mask) | lane4;
+}
+
+// kFlushTiles: k-tiles summed in one fp32 accumulator before it is scaled (2 for
+// group sizes 32 and 64, 8 for 128 and up); a group never straddles a flush.
+template <int kBits, typename T, int kMBlocks, int kFlushTiles>
+__global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKernel(const Params p) {
   using S = Smem<kBits, kMBlocks>;
-  using T2 = typename Vec2<T>::type;
   constexpr int kMTile = 8 * kMBlocks;
   constexpr int kUnitWords = S::kUnitWords;
-  constexpr int kPairsMask = (1 << (2 * kBits)) - 1;
 
   extern __shared__ __align__(16) unsigned char smem[];
-  uint32_t* pair_table = reinterpret_cast<uint32_t*>(smem);
   unsigned char* stages = smem + S::kTableBytes;
   __shared__ int s_is_last;
 
@@ -132,48 +152,54 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) FluteQgemmKernel(const
   const int64_t total = static_cast<int64_t>(p.columns) * p.k_units;
   const int64_t it_begin = IterStart(blockIdx.x, total, p.grid);
   const int64_t it_end = IterStart(blockIdx.x + 1, total, p.grid);
-
   const T* x = static_cast<const T*>(p.x);
   const T* scales = static_cast<const T*>(p.scales);
 
-  // Issue the cp.async loads of iteration `it` into stage `stage`.
-  auto load_stage = [&](int64_t it, int stage) {
+  // Loader position (column, unit) of the next iteration to fetch; advanced
+  // incrementally so the loop has no 64-bit division.
+  int load_c = static_cast<int>(it_begin / p.k_units), load_u = static_cast<int>(it_begin % p.k_units);
+  int64_t load_it = it_begin;
+  auto load_next = [&](int stage) {
     unsigned char* base = stages + stage * S::kStageBytes;
-    if (it < it_end) {
-      const int c = static_cast<int>(it / p.k_units), u = static_cast<int>(it % p.k_units);
-      // Codes: the column's (up to) 4 units at k-block u are contiguous in memory.
+    if (load_it < it_end) {
+      const int c = load_c, u = load_u;
+      // Codes: the column's (up to) 8 units at k-block u are contiguous in memory.
       const uint32_t* src = p.codes + (static_cast<int64_t>(u) * p.n_blocks + c * kWarps) * kUnitWords;
       const int valid_chunks = min(kWarps, p.n_blocks - c * kWarps) * kUnitWords / 4;
+#pragma unroll
       for (int i = tid; i < kWarps * kUnitWords / 4; i += kThreads)
         CpAsync16(base + 16 * i, i < valid_chunks ? src + 4 * i : p.codes, i < valid_chunks);
       // x rows of this launch, k in [256 u, 256 u + 256), zero beyond M and K.
       unsigned char* xs = base + S::kCodeBytes;
+#pragma unroll
       for (int i = tid; i < kMTile * (kUnitK / 8); i += kThreads) {
         const int row = i / (kUnitK / 8), chunk = i % (kUnitK / 8);
         const int kk = u * kUnitK + 8 * chunk;
         const bool ok = row < p.m && kk < p.k;
-        CpAsync16(xs + row * kXStride * 2 + 16 * chunk,
-                  ok ? x + static_cast<int64_t>(row) * p.k + kk : x, ok);
+        CpAsync16(xs + row * kXStride * 2 + 16 * chunk, ok ? x + static_cast<int64_t>(row) * p.k + kk : x, ok);
       }
-      // Scale rows that groups of this unit touch; zero beyond G and N.
+      // The unit's scale rows; zero beyond G and N.
       unsigned char* ss = base + S::kCodeBytes + S::kXBytes;
-      const int g_lo = u * kUnitK / p.group_rows;
-      const int g_hi = min(p.groups - 1, (u * kUnitK + kUnitK - 1) / p.group_rows);
+      const int g_lo = (u * kTiles) >> p.group_shift;
+      const int g_hi = min(p.groups - 1, (u * kTiles + kTiles - 1) >> p.group_shift);
       for (int i = tid; i < kScaleRows * (kColumnN / 8); i += kThreads) {
         const int row = i / (kColumnN / 8), chunk = i % (kColumnN / 8);
         const int g = g_lo + row, nn = c * kColumnN + 8 * chunk;
         const bool ok = g <= g_hi && nn < p.n;
-        CpAsync16(ss + row * kColumnN * 2 + 16 * chunk,
-                  ok ? scales + static_cast<int64_t>(g) * p.n + nn : scales, ok);
+        CpAsync16(ss + row * kColumnN * 2 + 16 * chunk, ok ? scales + static_cast<int64_t>(g) * p.n + nn : scales, ok);
       }
+      ++load_it;
+      if (++load_u == p.k_units) { load_u = 0; ++load_c; }
     }
     CpAsyncCommit();  // an empty group past the end keeps the wait counts uniform
   };
 
   // Start the pipeline, then build the pair table while the first loads fly.
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) load_stage(it_begin + s, s);
+  for (int s = 0; s < kStages - 1; ++s) load_next(s);
   {
+    using T2 = typename Vec2<T>::type;
+    uint32_t* pair_table = reinterpret_cast<uint32_t*>(smem);
     const T* table = static_cast<const T*>(p.table);
     for (int i = tid; i < (1 << (2 * kBits)) * kCopies; i += kThreads) {
       const int e = i / kCopies;
@@ -191,6 +217,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) FluteQgemmKernel(const
       pair_table[i] = *reinterpret_cast<uint32_t*>(&v);
     }
   }
+  const uint32_t lane4 = 4 * lane;
 
   float acc[kMBlocks][4];
 #pragma unroll
@@ -199,13 +226,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) FluteQgemmKernel(const
     for (int j = 0; j < 4; ++j) acc[mb][j] = 0.f;
 
   const int r = lane >> 2, q = lane & 3;
+  int c = static_cast<int>(it_begin / p.k_units), u = static_cast<int>(it_begin % p.k_units);
+  int stage = 0;
   for (int64_t it = it_begin; it < it_end; ++it) {
-    const int stage = static_cast<int>((it - it_begin) % kStages);
     CpAsyncWait<kStages - 2>();
-    __syncthreads();  // stage `stage` landed for all threads; the stage refilled next is free
-    load_stage(it + kStages - 1, static_cast<int>((it - it_begin + kStages - 1) % kStages));
+    __syncthreads();  // this stage landed for all threads; the stage refilled next is free
+    load_next(stage == 0 ? kStages - 1 : stage - 1);
 
-    const int c = static_cast<int>(it / p.k_units), u = static_cast<int>(it % p.k_units);
     const unsigned char* base = stages + stage * S::kStageBytes;
     const bool warp_active = c * kWarps + warp < p.n_blocks;
     if (warp_active) {
@@ -218,38 +245,52 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) FluteQgemmKernel(const
         w[4 * j] = v.x; w[4 * j + 1] = v.y; w[4 * j + 2] = v.z; w[4 * j + 3] = v.w;
       }
       const T* xs = reinterpret_cast<const T*>(base + S::kCodeBytes);
-      const T* ss = reinterpret_cast<const T*>(base + S::kCodeBytes + S::kXBytes);
-      const int tile0 = u * (kUnitK / 16);
-      const int g_lo = u * kUnitK / p.group_rows;
+      const T* ss = reinterpret_cast<const T*>(base + S::kCodeBytes + S::kXBytes) + warp * 16 + r;
+      // ldmatrix row addresses: lanes 8j..8j+7 give the rows of matrix j =
+      // (tile t + (j >> 1), k half j & 1).
+      const T* x_rows = xs + (lane & 7) * kXStride + 8 * ((lane >> 3) & 1) + 16 * (lane >> 4);
+      float part[kMBlocks][4];
+      uint32_t b[kMBlocks][4];  // x fragments of tiles t and t + 1 (one ldmatrix.x4 each)
 #pragma unroll
-      for (int t = 0; t < 16; ++t) {
-        const int g = (tile0 + t) / p.group_tiles - g_lo;
-        const T s_lo = ss[g * kColumnN + warp * 16 + r], s_hi = ss[g * kColumnN + warp * 16 + r + 8];
-        T2 scale_lo, scale_hi;
-        scale_lo.x = scale_lo.y = s_lo;
-        scale_hi.x = scale_hi.y = s_hi;
+      for (int t = 0; t < kTiles; ++t) {
+        if (t % kFlushTiles == 0) {
+#pragma unroll
+          for (int mb = 0; mb < kMBlocks; ++mb)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) part[mb][j] = 0.f;
+        }
         uint32_t a[4];
 #pragma unroll
         for (int pr = 0; pr < 4; ++pr) {
-          int e;
+          uint32_t off;
           if constexpr (kBits == 4) {
-            e = (w[t] >> (8 * pr)) & 0xff;
+            off = PairOffset<8>(w[t], 8 * pr, lane4);
           } else if constexpr (kBits == 2) {
-            e = (w[t >> 1] >> (16 * (t & 1) + 4 * pr)) & 0xf;
-          } else {
-            e = ((w[t >> 1] >> (16 * (t & 1) + 4 * pr)) & 0xf) |
-                (((w[8 + (t >> 2)] >> (8 * (t & 3) + 2 * pr)) & 3) << 4);
+            off = PairOffset<4>(w[t >> 1], 16 * (t & 1) + 4 * pr, lane4);
+          } else {  // low 4 bits of the pair index from the 2-bit plane, high 2 from the 1-bit plane
+            off = PairOffset<4>(w[t >> 1], 16 * (t & 1) + 4 * pr, lane4) |
+                  (PairOffset<2>(w[8 + (t >> 2)], 8 * (t & 3) + 2 * pr, 0) << 4);
           }
-          uint32_t v = pair_table[(e & kPairsMask) * kCopies + lane];
-          T2 wv = *reinterpret_cast<T2*>(&v);
-          wv = __hmul2(wv, (pr & 1) ? scale_hi : scale_lo);
-          a[pr] = *reinterpret_cast<uint32_t*>(&wv);
+          a[pr] = *reinterpret_cast<const uint32_t*>(smem + off);  // the table starts the shared memory
+        }
+        if (t % 2 == 0) {
+#pragma unroll
+          for (int mb = 0; mb < kMBlocks; ++mb) LdMatrixX4(b[mb], x_rows + mb * 8 * kXStride + 16 * t);
         }
 #pragma unroll
         for (int mb = 0; mb < kMBlocks; ++mb) {
-          const T* xr = xs + (mb * 8 + r) * kXStride + 16 * t + 2 * q;
-          Mma<T>(acc[mb], a, *reinterpret_cast<const uint32_t*>(xr),
-                 *reinterpret_cast<const uint32_t*>(xr + 8));
+          Mma<T>(part[mb], a, b[mb][2 * (t & 1)], b[mb][2 * (t & 1) + 1]);
+        }
+        if (t % kFlushTiles == kFlushTiles - 1) {
+          const int g = t >> p.group_shift;
+          const float s_lo = ToF32(ss[g * kColumnN]), s_hi = ToF32(ss[g * kColumnN + 8]);
+#pragma unroll
+          for (int mb = 0; mb < kMBlocks; ++mb) {
+            acc[mb][0] = fmaf(s_lo, part[mb][0], acc[mb][0]);
+            acc[mb][1] = fmaf(s_lo, part[mb][1], acc[mb][1]);
+            acc[mb][2] = fmaf(s_hi, part[mb][2], acc[mb][2]);
+            acc[mb][3] = fmaf(s_hi, part[mb][3], acc[mb][3]);
+          }
         }
       }
     }
@@ -275,12 +316,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) FluteQgemmKernel(const
             for (int j = 0; j < 4; ++j) store(mb, j, acc[mb][j]);
       } else {
         float* mine = p.partials + static_cast<int64_t>(SlotOf(blockIdx.x, c, total, p.grid, p.k_units)) *
-                                        kMTile * kColumnN;
+                                       kMTile * kColumnN;
         if (warp_active)
 #pragma unroll
           for (int mb = 0; mb < kMBlocks; ++mb)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) mine[slot_index(mb, j)] = acc[mb][j];
+            for (int j = 0; j < 4; ++j) __stcg(mine + slot_index(mb, j), acc[mb][j]);
         __threadfence();
         __syncthreads();
         if (tid == 0) s_is_last = atomicAdd(&p.counters[c], 1) == last_block - first_block;
@@ -314,6 +355,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) FluteQgemmKernel(const
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[mb][j] = 0.f;
     }
+    if (++u == p.k_units) { u = 0; ++c; }
+    stage = stage == kStages - 1 ? 0 : stage + 1;
   }
   CpAsyncWait<0>();  // leave no copy in flight at exit
 }

@@ -9,8 +9,9 @@
 
 namespace flute_jax {
 
-// Multiprocessors of the current device (0 if CUDA is unavailable).
-int CudaSmCount();
+// The plan for a call on the current device (FlutePlan::fast false: simple kernel).
+FlutePlan MakeFlutePlan(int64_t m, int64_t k, int64_t n, int64_t group_rows, int bits, bool is_half_type,
+                        bool bf16);
 
 // Runs the FLUTE kernel for a plan with plan.fast; x/scales/table/y are f16 or bf16.
 cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, const uint32_t* codes,

@@ -20,23 +20,32 @@ struct FlutePlan {
   int64_t workspace_bytes = 0;
 };
 
-constexpr int kFluteColumnN = 64, kFluteUnitK = 256, kFluteBlocksPerSm = 2;
+constexpr int kFluteColumnN = 128, kFluteUnitK = 256;
 
-// `is_half_type`: x is float16 or bfloat16 (float32 takes the simple kernel).
-inline FlutePlan PlanFlute(int64_t m, int64_t k, int64_t n, int64_t group_rows, bool is_half_type,
-                           int sm_count) {
-  FlutePlan plan;
+// Whether the FLUTE kernel takes a call: f16/bf16, K and N multiples of 8
+// (16-byte rows), one group or a power-of-two group size from 32 to 256.
+inline bool FluteApplies(int64_t m, int64_t k, int64_t n, int64_t group_rows, bool is_half_type) {
   const int64_t groups = (k + group_rows - 1) / group_rows;
-  const bool groups_fit = groups == 1 || (group_rows % 16 == 0 && group_rows >= 32);
-  plan.fast = is_half_type && m >= 1 && k % 8 == 0 && n % 8 == 0 && groups_fit && sm_count > 0 &&
-              k < (int64_t{1} << 31) && n < (int64_t{1} << 31) && m < (int64_t{1} << 31);
+  const bool pow2_group = group_rows >= 32 && group_rows <= 256 && (group_rows & (group_rows - 1)) == 0;
+  return is_half_type && m >= 1 && k % 8 == 0 && n % 8 == 0 && (groups == 1 || pow2_group) &&
+         k < (int64_t{1} << 31) && n < (int64_t{1} << 31) && m < (int64_t{1} << 31);
+}
+
+inline int FluteMBlocks(int64_t m) { return m <= 8 ? 1 : m <= 16 ? 2 : 4; }
+
+// The plan for a call the kernel applies to, given the GPU's multiprocessors and
+// how many blocks of the chosen kernel fit on one.
+inline FlutePlan PlanFlute(int64_t m, int64_t k, int64_t n, int64_t group_rows, bool is_half_type,
+                           int sm_count, int blocks_per_sm) {
+  FlutePlan plan;
+  plan.fast = FluteApplies(m, k, n, group_rows, is_half_type) && sm_count > 0 && blocks_per_sm > 0;
   if (!plan.fast) return plan;
-  plan.m_blocks = m <= 8 ? 1 : m <= 16 ? 2 : 4;
+  plan.m_blocks = FluteMBlocks(m);
   plan.rows_per_launch = 8 * plan.m_blocks;
   plan.columns = static_cast<int>((n + kFluteColumnN - 1) / kFluteColumnN);
   plan.k_units = static_cast<int>((k + kFluteUnitK - 1) / kFluteUnitK);
   const int64_t iters = static_cast<int64_t>(plan.columns) * plan.k_units;
-  plan.grid = static_cast<int>(std::min<int64_t>(iters, int64_t{sm_count} * kFluteBlocksPerSm));
+  plan.grid = static_cast<int>(std::min<int64_t>(iters, int64_t{sm_count} * blocks_per_sm));
   const int64_t slot_bytes = int64_t{plan.rows_per_launch} * kFluteColumnN * 4;
   plan.partial_bytes = 2 * int64_t{plan.grid} * slot_bytes;
   plan.workspace_bytes = plan.partial_bytes + int64_t{plan.columns} * 4;

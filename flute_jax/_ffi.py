@@ -7,6 +7,7 @@ the extension was built with nvcc (``with_cuda``).
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from . import _flute_ffi
 
@@ -14,12 +15,13 @@ QGEMM_TARGET = "flute_qgemm"
 with_cuda: bool = bool(_flute_ffi.with_cuda)
 
 
-def cuda_plan(m: int, k: int, n: int, group_rows: int, is_half: bool) -> dict:
+def cuda_plan(m: int, k: int, n: int, group_rows: int, bits: int, dtype) -> dict:
     """The CUDA handler's plan for ``[m, k] @ [k, n]`` on the current GPU.
 
-    Returns ``{"kernel": "flute" | "simple", "grid", "workspace_bytes", "sm_count"}``.
+    ``dtype`` is x's dtype. Returns ``{"kernel": "flute" | "simple", "grid",
+    "workspace_bytes"}`` (always "simple" in a build without CUDA).
     """
-    return dict(_flute_ffi.cuda_plan(m, k, n, group_rows, is_half))
+    return dict(_flute_ffi.cuda_plan(m, k, n, group_rows, bits, str(np.dtype(dtype))))
 
 for _name, _capsule in _flute_ffi.cpu_targets().items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")

@@ -51,7 +51,7 @@ def _cuda_lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
     # plan the handler follows; only y is returned.
     x_aval, scales_aval = ctx.avals_in[0], ctx.avals_in[2]
     m, k = x_aval.shape
-    plan = _ffi.cuda_plan(m, k, scales_aval.shape[1], group_size, x_aval.dtype.itemsize == 2)
+    plan = _ffi.cuda_plan(m, k, scales_aval.shape[1], group_size, bits, x_aval.dtype)
     workspace = jax.core.ShapedArray((max(16, plan["workspace_bytes"]),), np.uint8)
     ctx = ctx.replace(avals_out=[ctx.avals_out[0], workspace])
     y, _ = _ffi_lowering(ctx, x, codes, scales, table, bits=np.int64(bits), group_size=np.int64(group_size))

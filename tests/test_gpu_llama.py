@@ -71,7 +71,7 @@ def test_llama_shape(gpu, index):
         group_size, dtype_name = COMBOS[(3 * index + bits) % len(COMBOS)]
         dtype = jnp.dtype(dtype_name)
         group_rows = k if group_size == -1 else group_size
-        assert _ffi.cuda_plan(32, k, n, group_rows, True)["kernel"] == "flute"
+        assert _ffi.cuda_plan(32, k, n, group_rows, bits, dtype)["kernel"] == "flute"
         key, kc, ks, kt, kx = jax.random.split(key, 5)
         with jax.default_device(gpu):
             codes = jax.random.randint(kc, (k, n), 0, 2**bits, jnp.uint8)
