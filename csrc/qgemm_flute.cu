@@ -47,7 +47,12 @@ cudaError_t WithKernel(int bits, bool bf16, int m_blocks, int flush, Fn&& fn) {
 // repeating it is harmless and not a stream operation, so capture-safe).
 template <typename Kernel>
 cudaError_t Prepare(Kernel kernel, int smem) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (status != cudaSuccess) return status;
+  // All of L1/shared as shared memory, so the planned blocks per SM really fit
+  // and the persistent grid runs in one wave.
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                              cudaSharedmemCarveoutMaxShared);
 }
 
 // Blocks of one kernel instance that fit on a multiprocessor, cached per instance.

@@ -200,7 +200,10 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
   {
     using T2 = typename Vec2<T>::type;
     uint32_t* pair_table = reinterpret_cast<uint32_t*>(smem);
-    const T* table = static_cast<const T*>(p.table);
+    __shared__ T table[1 << kBits];  // one global read per entry, then shared-memory reads
+    if (tid < (1 << kBits)) table[tid] = static_cast<const T*>(p.table)[tid];
+    __syncthreads();
+#pragma unroll 4
     for (int i = tid; i < (1 << (2 * kBits)) * kCopies; i += kThreads) {
       const int e = i / kCopies;
       int even, odd;
@@ -249,15 +252,18 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
       // ldmatrix row addresses: lanes 8j..8j+7 give the rows of matrix j =
       // (tile t + (j >> 1), k half j & 1).
       const T* x_rows = xs + (lane & 7) * kXStride + 8 * ((lane >> 3) & 1) + 16 * (lane >> 4);
-      float part[kMBlocks][4];
+      // Two accumulators, for even and odd tiles: two independent mma chains.
+      float part[2][kMBlocks][4];
       uint32_t b[kMBlocks][4];  // x fragments of tiles t and t + 1 (one ldmatrix.x4 each)
 #pragma unroll
       for (int t = 0; t < kTiles; ++t) {
         if (t % kFlushTiles == 0) {
 #pragma unroll
-          for (int mb = 0; mb < kMBlocks; ++mb)
+          for (int h = 0; h < 2; ++h)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) part[mb][j] = 0.f;
+            for (int mb = 0; mb < kMBlocks; ++mb)
+#pragma unroll
+              for (int j = 0; j < 4; ++j) part[h][mb][j] = 0.f;
         }
         uint32_t a[4];
 #pragma unroll
@@ -279,17 +285,17 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
         }
 #pragma unroll
         for (int mb = 0; mb < kMBlocks; ++mb) {
-          Mma<T>(part[mb], a, b[mb][2 * (t & 1)], b[mb][2 * (t & 1) + 1]);
+          Mma<T>(part[t & 1][mb], a, b[mb][2 * (t & 1)], b[mb][2 * (t & 1) + 1]);
         }
         if (t % kFlushTiles == kFlushTiles - 1) {
           const int g = t >> p.group_shift;
           const float s_lo = ToF32(ss[g * kColumnN]), s_hi = ToF32(ss[g * kColumnN + 8]);
 #pragma unroll
           for (int mb = 0; mb < kMBlocks; ++mb) {
-            acc[mb][0] = fmaf(s_lo, part[mb][0], acc[mb][0]);
-            acc[mb][1] = fmaf(s_lo, part[mb][1], acc[mb][1]);
-            acc[mb][2] = fmaf(s_hi, part[mb][2], acc[mb][2]);
-            acc[mb][3] = fmaf(s_hi, part[mb][3], acc[mb][3]);
+            acc[mb][0] = fmaf(s_lo, part[0][mb][0] + part[1][mb][0], acc[mb][0]);
+            acc[mb][1] = fmaf(s_lo, part[0][mb][1] + part[1][mb][1], acc[mb][1]);
+            acc[mb][2] = fmaf(s_hi, part[0][mb][2] + part[1][mb][2], acc[mb][2]);
+            acc[mb][3] = fmaf(s_hi, part[0][mb][3] + part[1][mb][3], acc[mb][3]);
           }
         }
       }
