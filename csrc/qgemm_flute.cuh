@@ -203,9 +203,11 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
     __shared__ T table[1 << kBits];  // one global read per entry, then shared-memory reads
     if (tid < (1 << kBits)) table[tid] = static_cast<const T*>(p.table)[tid];
     __syncthreads();
-#pragma unroll 4
-    for (int i = tid; i < (1 << (2 * kBits)) * kCopies; i += kThreads) {
-      const int e = i / kCopies;
+    // One pair value per (entry, 16-byte chunk of its 32 copies): a few wide stores per thread.
+    constexpr int kChunks = (1 << (2 * kBits)) * kCopies / 4;
+#pragma unroll
+    for (int i = tid; i < kChunks; i += kThreads) {
+      const int e = i / (kCopies / 4);
       int even, odd;
       if constexpr (kBits == 3) {  // 2-bit plane pair in bits 0..3, 1-bit plane pair in bits 4..5
         even = (e & 3) | (((e >> 4) & 1) << 2);
@@ -217,7 +219,8 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
       T2 v;
       v.x = table[even];
       v.y = table[odd];
-      pair_table[i] = *reinterpret_cast<uint32_t*>(&v);
+      const uint32_t word = *reinterpret_cast<uint32_t*>(&v);
+      reinterpret_cast<uint4*>(pair_table)[i] = make_uint4(word, word, word, word);
     }
   }
   const uint32_t lane4 = 4 * lane;
