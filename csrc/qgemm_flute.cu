@@ -24,7 +24,7 @@ cudaError_t WithKernel(int bits, bool bf16, int m_blocks, int flush, Fn&& fn) {
     using T = typename decltype(type_c)::type;
     auto by_flush = [&](auto mb_c) -> cudaError_t {
       constexpr int kMB = decltype(mb_c)::value;
-      constexpr int smem = flute::Smem<kBits, kMB>::kTotal;
+      constexpr int smem = flute::Smem<kBits, kMB>::kDynamic;
       return flush == 2 ? fn(flute::FluteQgemmKernel<kBits, T, kMB, 2>, smem)
                         : fn(flute::FluteQgemmKernel<kBits, T, kMB, 8>, smem);
     };

@@ -82,6 +82,12 @@ __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem) {
                : "r"(addr));
 }
 
+__device__ __forceinline__ uint32_t LdShared(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
+
 template <typename T>
 __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   if constexpr (std::is_same_v<T, __half>) {
@@ -99,7 +105,8 @@ __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint3
   }
 }
 
-// Shared-memory sizes of one pipeline stage and of the pair table.
+// Shared-memory sizes of one pipeline stage (dynamic shared memory) and of the
+// pair table (static shared memory, so its address folds into the loads).
 template <int kBits, int kMBlocks>
 struct Smem {
   static constexpr int kUnitWords = 128 * kBits;
@@ -107,8 +114,8 @@ struct Smem {
   static constexpr int kXBytes = 8 * kMBlocks * kXStride * 2;
   static constexpr int kScaleBytes = kScaleRows * kColumnN * 2;
   static constexpr int kStageBytes = kCodeBytes + kXBytes + kScaleBytes;
-  static constexpr int kTableBytes = (1 << (2 * kBits)) * kCopies * 4;
-  static constexpr int kTotal = kTableBytes + kStages * kStageBytes;
+  static constexpr int kTableWords = (1 << (2 * kBits)) * kCopies;
+  static constexpr int kDynamic = kStages * kStageBytes;
 };
 
 // Stream-K bookkeeping: block b runs iterations [IterStart(b), IterStart(b + 1)).
@@ -144,8 +151,8 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
   constexpr int kMTile = 8 * kMBlocks;
   constexpr int kUnitWords = S::kUnitWords;
 
-  extern __shared__ __align__(16) unsigned char smem[];
-  unsigned char* stages = smem + S::kTableBytes;
+  extern __shared__ __align__(16) unsigned char stages[];
+  __shared__ __align__(16) uint32_t pair_table[S::kTableWords];
   __shared__ int s_is_last;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -159,34 +166,38 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
   // incrementally so the loop has no 64-bit division.
   int load_c = static_cast<int>(it_begin / p.k_units), load_u = static_cast<int>(it_begin % p.k_units);
   int64_t load_it = it_begin;
+  // Each thread's share of a stage is fixed: kBits 16-byte chunks of codes,
+  // kMBlocks of x (row warp + 8 j, chunk lane) and at most one of scales.
+  const int scale_row = tid / (kColumnN / 8), scale_chunk = tid % (kColumnN / 8);
   auto load_next = [&](int stage) {
     unsigned char* base = stages + stage * S::kStageBytes;
     if (load_it < it_end) {
       const int c = load_c, u = load_u;
       // Codes: the column's (up to) 8 units at k-block u are contiguous in memory.
       const uint32_t* src = p.codes + (static_cast<int64_t>(u) * p.n_blocks + c * kWarps) * kUnitWords;
-      const int valid_chunks = min(kWarps, p.n_blocks - c * kWarps) * kUnitWords / 4;
+      const int valid_chunks = min(kWarps, p.n_blocks - c * kWarps) * (kUnitWords / 4);
 #pragma unroll
-      for (int i = tid; i < kWarps * kUnitWords / 4; i += kThreads)
+      for (int j = 0; j < kBits; ++j) {
+        const int i = tid + kThreads * j;
         CpAsync16(base + 16 * i, i < valid_chunks ? src + 4 * i : p.codes, i < valid_chunks);
+      }
       // x rows of this launch, k in [256 u, 256 u + 256), zero beyond M and K.
-      unsigned char* xs = base + S::kCodeBytes;
+      const int kk = u * kUnitK + 8 * lane;
 #pragma unroll
-      for (int i = tid; i < kMTile * (kUnitK / 8); i += kThreads) {
-        const int row = i / (kUnitK / 8), chunk = i % (kUnitK / 8);
-        const int kk = u * kUnitK + 8 * chunk;
+      for (int j = 0; j < kMBlocks; ++j) {
+        const int row = warp + 8 * j;
         const bool ok = row < p.m && kk < p.k;
-        CpAsync16(xs + row * kXStride * 2 + 16 * chunk, ok ? x + static_cast<int64_t>(row) * p.k + kk : x, ok);
+        CpAsync16(base + S::kCodeBytes + row * kXStride * 2 + 16 * lane,
+                  ok ? x + static_cast<int64_t>(row) * p.k + kk : x, ok);
       }
       // The unit's scale rows; zero beyond G and N.
-      unsigned char* ss = base + S::kCodeBytes + S::kXBytes;
-      const int g_lo = (u * kTiles) >> p.group_shift;
-      const int g_hi = min(p.groups - 1, (u * kTiles + kTiles - 1) >> p.group_shift);
-      for (int i = tid; i < kScaleRows * (kColumnN / 8); i += kThreads) {
-        const int row = i / (kColumnN / 8), chunk = i % (kColumnN / 8);
-        const int g = g_lo + row, nn = c * kColumnN + 8 * chunk;
+      if (scale_row < kScaleRows) {
+        const int g_lo = (u * kTiles) >> p.group_shift;
+        const int g_hi = min(p.groups - 1, (u * kTiles + kTiles - 1) >> p.group_shift);
+        const int g = g_lo + scale_row, nn = c * kColumnN + 8 * scale_chunk;
         const bool ok = g <= g_hi && nn < p.n;
-        CpAsync16(ss + row * kColumnN * 2 + 16 * chunk, ok ? scales + static_cast<int64_t>(g) * p.n + nn : scales, ok);
+        CpAsync16(base + S::kCodeBytes + S::kXBytes + scale_row * kColumnN * 2 + 16 * scale_chunk,
+                  ok ? scales + static_cast<int64_t>(g) * p.n + nn : scales, ok);
       }
       ++load_it;
       if (++load_u == p.k_units) { load_u = 0; ++load_c; }
@@ -199,7 +210,6 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
   for (int s = 0; s < kStages - 1; ++s) load_next(s);
   {
     using T2 = typename Vec2<T>::type;
-    uint32_t* pair_table = reinterpret_cast<uint32_t*>(smem);
     __shared__ T table[1 << kBits];  // one global read per entry, then shared-memory reads
     if (tid < (1 << kBits)) table[tid] = static_cast<const T*>(p.table)[tid];
     __syncthreads();
@@ -224,6 +234,8 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
     }
   }
   const uint32_t lane4 = 4 * lane;
+  const uint32_t table_addr = static_cast<uint32_t>(__cvta_generic_to_shared(pair_table));
+  const uint32_t lane_addr = table_addr + lane4;  // this lane's copy of entry 0
 
   float acc[kMBlocks][4];
 #pragma unroll
@@ -273,14 +285,16 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
         for (int pr = 0; pr < 4; ++pr) {
           uint32_t off;
           if constexpr (kBits == 4) {
-            off = PairOffset<8>(w[t], 8 * pr, lane4);
+            // Byte pr of the word is the pair index: PRMT, then one LEA (index * 128 + lane copy).
+            a[pr] = LdShared((__byte_perm(w[t], 0, 0x4440 + pr) << 7) + lane_addr);
+            continue;
           } else if constexpr (kBits == 2) {
             off = PairOffset<4>(w[t >> 1], 16 * (t & 1) + 4 * pr, lane4);
           } else {  // low 4 bits of the pair index from the 2-bit plane, high 2 from the 1-bit plane
             off = PairOffset<4>(w[t >> 1], 16 * (t & 1) + 4 * pr, lane4) |
                   (PairOffset<2>(w[8 + (t >> 2)], 8 * (t & 3) + 2 * pr, 0) << 4);
           }
-          a[pr] = *reinterpret_cast<const uint32_t*>(smem + off);  // the table starts the shared memory
+          a[pr] = LdShared(table_addr + off);
         }
         if (t % 2 == 0) {
 #pragma unroll

@@ -239,8 +239,10 @@ def test_remat_gives_same_gradient(rng):
 
     plain = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, layers.scales, False)
     remat = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, layers.scales, True)
+    # XLA fuses the two programs differently (on GPU the float32 reductions of the
+    # backward pass change order), so equal to float32 accuracy, not bitwise.
     for a, b in zip(plain, remat):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     # The rematerialized program recomputes the forward kernel in the backward pass.
     def kernel_calls(remat):
         lowered = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2).lower(x, layers.scales, remat)
