@@ -61,7 +61,7 @@ from .tables import check_bits
 
 AxisSpec = Union[None, str, Sequence[str]]
 
-__all__ = ["local_weight", "qgemm_spmd_p", "shard_specs"]
+__all__ = ["local_weight", "qgemm_rule", "qgemm_spmd_p", "shard_specs"]
 
 
 # --------------------------------------------------------------------------
@@ -188,46 +188,88 @@ for _prim in (qgemm_p, qgemm_spmd_p):
 # Shardy rule
 # --------------------------------------------------------------------------
 
+# One dimension of an operand in the rule: its factors, outermost first, with
+# their sizes. Several factors make a compound factor ``(a b)``.
+_Dim = Sequence[tuple[str, int]]
+
+# Factors that must stay replicated: a packed block's words, the table, and the
+# positions inside one K-block / N-block / block's scale groups (sharding them
+# would cut a packed block). The K-blocks (and x's K when it is not a whole
+# number of blocks) are contracted: a sharding of them becomes a psum.
+_REPLICATED = ("w", "t", "kin", "gin", "nin")
+_REDUCTION = ("k", "kb")
+
+
+def _rule_string(operands: Sequence[Sequence[_Dim]], results: Sequence[Sequence[_Dim]]):
+    """The einsum-like rule string for ``operands -> results``, its factors in
+    order of first appearance, and the sizes of the factors that only occur
+    inside compound factors (the others take their size from a dimension).
+
+    Shardy rejects a compound factor with a member of size 1 ("dim mapping
+    can't have a factor of size 1 if there are multiple factors"), which one
+    K-block (K = 256), one N-block (N = 16) or one scale group per block would
+    give. A size-1 factor splits nothing, so it is dropped from the compound;
+    a dimension left with a single factor gets that factor whole (a dimension
+    of size 1 keeps its first factor).
+    """
+    sizes: dict[str, int] = {}
+    whole: set[str] = set()
+    order: list[str] = []
+
+    def dim_term(dim: _Dim) -> str:
+        kept = [(f, s) for f, s in dim if s != 1] or list(dim[:1])
+        order.extend(f for f, _ in kept)
+        if len(kept) == 1:
+            whole.add(kept[0][0])
+            return kept[0][0]
+        sizes.update(kept)
+        return "(" + " ".join(f for f, _ in kept) + ")"
+
+    def tensor_term(dims: Sequence[_Dim]) -> str:
+        return " ".join(dim_term(d) for d in dims)
+
+    rule = ", ".join(map(tensor_term, operands)) + " -> " + ", ".join(map(tensor_term, results))
+    return rule, list(dict.fromkeys(order)), {f: s for f, s in sizes.items() if f not in whole}
+
 
 def _sharding_rule(bits, group_size, mesh, operand_types, result_types):
-    """Einsum-like rule relating x, codes, scales, table and y.
+    """custom_partitioning's ``sharding_rule`` callback: :func:`qgemm_rule` of the operand shapes."""
+    del bits, group_size, mesh, result_types
+    return qgemm_rule(*(tuple(mlir.ir.RankedTensorType(o).shape) for o in operand_types))
+
+
+def qgemm_rule(
+    x_shape: Sequence[int], codes_shape: Sequence[int], scales_shape: Sequence[int], table_shape: Sequence[int]
+) -> tuple[str, dict]:
+    """Einsum-like rule relating x, codes, scales, table and y, with its keyword
+    arguments (factor sizes, reduction and need-replication factors).
 
     When K (N) is a whole number of packed blocks, x's K (y's and scales' N)
     dimension is the compound factor (K-blocks, rows in a block), so Shardy
     shards x, codes and scales along the same K-blocks; the in-block factors
     must stay replicated. Otherwise the dimensions get unrelated factors, and
     the partition callback sees (and rejects, or replicates) what arrives.
+    Size-1 members of compound factors are left out (:func:`_rule_string`).
     """
-    del bits, mesh, result_types
-    (_, k), (kb, nb, _), (g, n), _ = (tuple(mlir.ir.RankedTensorType(t).shape) for t in operand_types)
-    sizes, replicated = {}, ["w", "t"]
-    # (A factor of size 1 may not be part of a compound factor; nothing to shard then.)
-    if k == kb * layout.BLOCK_K and kb > 1:
-        x_k = "(kb kin)"
-        sizes["kin"] = layout.BLOCK_K
-        replicated.append("kin")
-        if g == 1:
-            s_k = "g"
-        elif group_size == layout.BLOCK_K:
-            s_k = "kb"
-        else:
-            s_k = "(kb gin)"
-            sizes["gin"] = layout.BLOCK_K // group_size
-            replicated.append("gin")
-        reduction = ["kb"]
+    (m, k), (kb, nb, w), (g, n), (t,) = x_shape, codes_shape, scales_shape, table_shape
+    if k == kb * layout.BLOCK_K:
+        x_k = [("kb", kb), ("kin", layout.BLOCK_K)]
+        # Grouped scales: each K-block holds g / kb groups (group sizes divide
+        # 256). A single scale row (group_size -1) belongs to no one block.
+        s_k = [("g", g)] if g == 1 else [("kb", kb), ("gin", g // kb)]
     else:
-        x_k, s_k, reduction = "k", "g", ["k", "kb"]
-    if n == nb * layout.BLOCK_N and nb > 1:
-        s_n = y_n = "(nb nin)"
-        sizes["nin"] = layout.BLOCK_N
-        replicated.append("nin")
+        x_k, s_k = [("k", k)], [("g", g)]
+    if n == nb * layout.BLOCK_N:
+        s_n = y_n = [("nb", nb), ("nin", layout.BLOCK_N)]
     else:
-        s_n, y_n = "ns", "n"
-    rule = f"m {x_k}, kb nb w, {s_k} {s_n}, t -> m {y_n}"
-    # The MLIR verifier wants special factors in order of first appearance.
-    order = list(dict.fromkeys(rule.replace("(", " ").replace(")", " ").replace(",", " ").split()))
-    ordered = lambda fs: tuple(sorted(fs, key=order.index))  # noqa: E731
-    return rule, dict(reduction_factors=ordered(reduction), need_replication_factors=ordered(replicated), **sizes)
+        s_n, y_n = [("ns", n)], [("n", n)]
+    rule, order, sizes = _rule_string(
+        operands=[[[("m", m)], x_k], [[("kb", kb)], [("nb", nb)], [("w", w)]], [s_k, s_n], [[("t", t)]]],
+        results=[[[("m", m)], y_n]],
+    )
+    # The MLIR verifier wants the special factors in order of first appearance.
+    special = lambda fs: tuple(f for f in order if f in fs)  # noqa: E731
+    return rule, dict(reduction_factors=special(_REDUCTION), need_replication_factors=special(_REPLICATED), **sizes)
 
 
 # --------------------------------------------------------------------------

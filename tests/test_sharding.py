@@ -279,3 +279,82 @@ def test_auto_axes_mesh(rng, k_axis, n_axis):
     for a, b in zip(g(x, qws.scales, qws), g(*_cpu((x, qw.scales, qw)))):
         # The K-sharded forward rounds differently (float32 partials), and tanh' amplifies it a little.
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * np.abs(np.asarray(b)).max())
+
+
+# ------------------------------------------------ one K-block, N-block, scale group or row
+# Shardy rejects a compound factor with a size-1 member; these shapes once produced one
+# ("dim mapping can't have a factor of size 1 if there are multiple factors").
+
+
+@pytest.mark.parametrize(
+    "k,n,m,group_size,x_spec,k_axis,n_axis",
+    [
+        (256, 64, 8, 64, P("data"), None, None),  # one K-block, weight replicated
+        (256, 64, 8, 64, P("data"), None, "model"),  # one K-block, N-sharded
+        (256, 64, 4, 256, P(None, "model"), None, "model"),  # one K-block and group; x arrives K-sharded
+        (512, 64, 6, 64, P(None, "data"), "data", None),  # 2 K-blocks over 2 devices
+        (512, 64, 6, 256, P(None, "data"), "data", "model"),  # one group per K-block
+        (512, 16, 8, 64, P("data"), None, None),  # one N-block
+        (512, 16, 6, 32, P(None, "data"), "data", None),  # one N-block, K-sharded
+        (512, 64, 4, -1, P(None, "data"), "data", "model"),  # one scale row, K- and N-sharded
+        (256, 16, 1, -1, P(), None, None),  # one of everything, M = 1
+        (512, 64, 1, 64, P(None, "data"), "data", "model"),  # M = 1
+    ],
+)
+def test_single_block_group_or_row(rng, mesh, k, n, m, group_size, x_spec, k_axis, n_axis):
+    qw = _weight(rng, k, n, group_size=group_size)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    with jax.set_mesh(mesh):
+        y, ops, stablehlo = _run(mesh, x, qw, x_spec, k_axis, n_axis)
+    assert "sdy.sharding_rule" in stablehlo
+    assert (*y.sharding.spec, None, None)[1] == n_axis
+    _assert_close(y, fj.qgemm(*_cpu((x, qw))))
+    assert ops["all-reduce"] == (1 if k_axis else 0), ops
+    assert not any(ops[o] for o in MOVES_DATA if o != "all-gather"), ops
+    # Only x (K-sharded with a one-block weight) may be gathered, never weights.
+    assert ops["all-gather"] == (1 if x_spec == P(None, "model") else 0), ops
+
+
+def test_rule_has_no_size_one_compound_member():
+    from flute_jax.quantize import num_groups
+
+    # qgemm_rule directly, over shapes with one and several blocks / groups / rows.
+    for k, n, m, gs in [(256, 16, 1, 64), (256, 64, 1, 256), (512, 16, 3, 256), (768, 48, 2, 32),
+                        (512, 64, 4, -1), (300, 40, 2, 64), (256, 20, 1, 128)]:
+        kb, nb, g = -(-k // 256), -(-n // 16), num_groups(k, gs)
+        rule, kw = fj.sharding.qgemm_rule((m, k), (kb, nb, 512), (g, n), (16,))
+        # Sizes: given for factors only in compounds, else those of the codes' block axes.
+        sizes = {**kw, "kb": kb, "nb": nb}
+        compounds = [c.split() for c in rule.replace(")", "(").split("(")[1::2]]
+        for members in compounds:
+            assert len(members) > 1 and all(sizes[f] > 1 for f in members), (rule, kw)
+        assert "kb" in kw["reduction_factors"]
+        # In-block positions never carry a sharding.
+        assert {"w", "t"} <= set(kw["need_replication_factors"])
+        if k % 256 == 0:
+            assert "kin" in kw["need_replication_factors"]
+
+
+def test_tiny_model_with_one_k_block(rng, mesh):
+    # Two FluteDense layers with 256 input features under a (data, model) mesh, the
+    # second row parallel over 'model' (1024 = 4 K-blocks), as in examples/tp_inference.
+    import flax.linen as nn
+
+    class Mlp(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = fj.nn.FluteDense(1024, kernel_axes=("embed", "mlp"), name="up")(x)
+            return fj.nn.FluteDense(256, kernel_axes=("mlp", "embed"), name="down")(jax.nn.silu(h))
+
+    rules = (("batch", "data"), ("mlp", "model"), ("embed", None))
+    model = Mlp()
+    x = jnp.asarray(rng.standard_normal((4, 256)), jnp.float32)
+    boxed = model.init(jax.random.key(0), x)["params"]
+    params = nn.meta.unbox(boxed)
+    ref = model.apply({"params": _cpu(params)}, _cpu(x))
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    sharded = jax.device_put(params, shardings)
+    assert sharded["down"]["kernel"].codes.sharding.spec[0] == "model"
+    with jax.set_mesh(mesh):
+        y = jax.jit(lambda p, x: model.apply({"params": p}, x))(sharded, jax.device_put(x, NamedSharding(mesh, P("data"))))
+    _assert_close(y, ref)
