@@ -27,3 +27,13 @@ __all__ = [
     "unpack",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``flute_jax.nn`` on first access: the Flax layers import flax, which a bare
+    ``import flute_jax`` should not pay for (or need installed)."""
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.nn")  # also binds flute_jax.nn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

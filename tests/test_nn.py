@@ -1,5 +1,8 @@
 """flute_jax.nn linen layer and quantize_params: against flax.linen.Dense and float64 references."""
 
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -203,3 +206,21 @@ def test_bad_params_and_fields(rng):
         fnn.quantize_params({"a": {"kernel": jnp.ones((4, 4), jnp.int32)}})
     with pytest.raises(TypeError, match="where"):
         fnn.quantize_params({"a": {"kernel": jnp.ones((4, 4))}}, where=3)
+
+
+def _fresh_python(code: str) -> str:
+    """Run ``code`` in a new interpreter (nothing imported yet); its stdout."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_nn_is_imported_lazily():
+    # A bare `import flute_jax` leaves flax alone; flute_jax.nn works without importing it first.
+    out = _fresh_python(
+        "import sys, flute_jax as fj\n"
+        "print('flax' in sys.modules, 'flute_jax.nn' in sys.modules)\n"
+        "print(fj.nn.FluteDense.__module__, fj.nn is sys.modules['flute_jax.nn'], 'flax' in sys.modules)\n"
+        "print(hasattr(fj, 'no_such_name'))\n"
+    )
+    assert out.split() == ["False", "False", "flute_jax.nn.linen", "True", "True", "False"]
