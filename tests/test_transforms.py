@@ -240,9 +240,12 @@ def test_remat_gives_same_gradient(rng):
     plain = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, layers.scales, False)
     remat = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, layers.scales, True)
     # XLA fuses the two programs differently (on GPU the float32 reductions of the
-    # backward pass change order), so equal to float32 accuracy, not bitwise.
+    # backward pass change order), so equal to float32 accuracy, not bitwise. The
+    # scale gradients are sums with cancellation: bound the difference relative to
+    # the gradient's magnitude, not to each (possibly tiny) element.
     for a, b in zip(plain, remat):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        b = np.asarray(b)
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
     # The rematerialized program recomputes the forward kernel in the backward pass.
     def kernel_calls(remat):
         lowered = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2).lower(x, layers.scales, remat)
@@ -259,7 +262,8 @@ def test_single_device_jit_is_one_custom_call(rng):
     x = _x(rng, (2, 3, 300), jnp.bfloat16)
     hlo = jax.jit(fj.qgemm).lower(x, qw).compile().as_text()
     entry = hlo[hlo.index("ENTRY") :]
-    ops = re.findall(r"= \S+ ([a-z-]+)\(", entry)
+    # A result type is one token, or a tuple "(bf16[..], u8[..])" on CUDA (workspace).
+    ops = re.findall(r"= (?:\([^)]*\)|\S+) ([a-z-]+)\(", entry)
     assert ops.count("custom-call") == 1 and 'custom_call_target="flute_qgemm"' in entry
     # Nothing else runs: only parameters and layout-free reshapes around the kernel
     # (on CUDA the kernel also returns its workspace, hence get-tuple-element).
