@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +53,7 @@ from .quantize import (
     check_activation_dtype,
     check_group_size,
     compute_codes_and_scales,
-    num_groups,
+    weight_from_codes,
 )
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -135,9 +135,7 @@ def _finalize(params, w, s0, t0, t_unit, rows, dtype, bits, group_size) -> Quant
     table = (t0 + t_unit * params["table"]).astype(dtype)
     u = _normalize(w, _expand(scales.astype(jnp.float32), rows, k))
     codes = nearest_codes(u, table.astype(jnp.float32))
-    return QuantizedWeight(
-        codes=layout.pack(codes, bits), scales=scales, table=table, bits=bits, group_size=group_size, shape=(k, n)
-    )
+    return weight_from_codes(codes, scales, table, bits, group_size)
 
 
 def _dequantize_f64(qw: QuantizedWeight) -> np.ndarray:
@@ -248,14 +246,7 @@ def calibrate_kernel(
 
     # Starting point: exactly flute_jax.quantize's codes and scales for this table.
     codes0, scales0 = compute_codes_and_scales(wf, table_stored, group_size, dtype)
-    start = QuantizedWeight(
-        codes=layout.pack(codes0, bits),
-        scales=scales0,
-        table=jnp.asarray(table_stored.astype(dtype)),
-        bits=bits,
-        group_size=group_size,
-        shape=(k, n),
-    )
+    start = weight_from_codes(codes0, scales0, table_stored.astype(dtype), bits, group_size)
     if not bool(jnp.all(jnp.isfinite(scales0))):
         raise ValueError(f"non-finite scales: a group absmax overflows {dtype}")
 

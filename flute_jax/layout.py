@@ -52,7 +52,6 @@ or 2-bit plane then 1-bit plane; or 2-bit plane).
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
 from .tables import check_bits
 

@@ -162,14 +162,18 @@ def quantize(
             "non-finite scales: w has NaN/Inf entries or group absmax overflows "
             f"{dtype} (max finite {float(jnp.finfo(dtype).max)})"
         )
-    k, n = w.shape
+    return weight_from_codes(codes, scales, table_stored.astype(dtype), bits, group_size)
+
+
+def weight_from_codes(codes, scales, table, bits: int, group_size: int) -> QuantizedWeight:
+    """Pack ``codes[K, N]`` and bundle them with ``scales`` and ``table`` (stored as given)."""
     return QuantizedWeight(
         codes=layout.pack(codes, bits),
         scales=scales,
-        table=jnp.asarray(table_stored.astype(dtype)),
+        table=jnp.asarray(table),
         bits=bits,
         group_size=group_size,
-        shape=(k, n),
+        shape=tuple(codes.shape),
     )
 
 

@@ -19,7 +19,8 @@ The table is tiny and every shard needs all of it: replicated.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+import re
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -102,3 +103,20 @@ def compute_dtype(dtype: Any, *arrays: Any) -> jnp.dtype:
     if dtype is not None:
         return jnp.dtype(dtype)
     return jnp.result_type(*[a for a in arrays if a is not None])
+
+
+# Which layers a converter touches: None (all), a regex searched in the "/"-joined
+# path, or a callable(path, layer) -> bool.
+Where = Union[None, str, Callable[[tuple, Any], bool]]
+
+
+def layer_selector(where: Where) -> Callable[[tuple, Any], bool]:
+    """``where`` as a predicate ``(path, layer) -> bool``."""
+    if where is None:
+        return lambda path, layer: True
+    if isinstance(where, str):
+        pattern = re.compile(where)
+        return lambda path, layer: pattern.search("/".join(map(str, path))) is not None
+    if callable(where):
+        return where
+    raise TypeError(f"where must be None, a regex string or a callable(path, layer), got {type(where).__name__}")

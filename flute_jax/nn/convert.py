@@ -13,9 +13,8 @@ them with ``where``.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,18 +24,7 @@ from ..quantize import QuantizedWeight
 from . import _common
 from .linen import box_weight
 
-Where = Union[None, str, Callable[[tuple, Any], bool]]
-
-
-def _selector(where: Where) -> Callable[[tuple, Any], bool]:
-    if where is None:
-        return lambda path, kernel: True
-    if isinstance(where, str):
-        pattern = re.compile(where)
-        return lambda path, kernel: pattern.search("/".join(map(str, path))) is not None
-    if callable(where):
-        return where
-    raise TypeError(f"where must be None, a regex string or a callable(path, kernel), got {type(where).__name__}")
+Where = _common.Where
 
 
 def _is_dense_kernel(value: Any) -> bool:
@@ -69,7 +57,7 @@ def quantize_params(
     Returns:
       A tree of the same structure (same mapping types) with the selected kernels replaced.
     """
-    select = _selector(where)
+    select = _common.layer_selector(where)
 
     def convert_kernel(value: Any) -> Any:
         box = value if isinstance(value, nn.Partitioned) else None

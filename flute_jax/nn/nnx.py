@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -168,20 +168,7 @@ def _param_metadata(param: nnx.Variable) -> dict:
     return metadata
 
 
-Where = Union[None, str, Callable[[tuple, nnx.Linear], bool]]
-
-
-def _select(where: Where) -> Callable[[tuple, nnx.Linear], bool]:
-    import re
-
-    if where is None:
-        return lambda path, layer: True
-    if isinstance(where, str):
-        pattern = re.compile(where)
-        return lambda path, layer: pattern.search("/".join(map(str, path))) is not None
-    if callable(where):
-        return where
-    raise TypeError(f"where must be None, a regex string or a callable(path, layer), got {type(where).__name__}")
+Where = _common.Where
 
 
 def _set_child(parent: Any, key: Any, value: Any) -> None:
@@ -219,7 +206,7 @@ def quantize_model(
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"quantize_model needs an nnx.Module, got {type(model).__name__}")
-    select = _select(where)
+    select = _common.layer_selector(where)
     targets = [
         (tuple(path), node)
         for path, node in nnx.iter_graph(model)
