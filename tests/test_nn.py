@@ -1,5 +1,6 @@
 """flute_jax.nn linen layer and quantize_params: against flax.linen.Dense and float64 references."""
 
+import os
 import subprocess
 import sys
 
@@ -210,7 +211,10 @@ def test_bad_params_and_fields(rng):
 
 def _fresh_python(code: str) -> str:
     """Run ``code`` in a new interpreter (nothing imported yet); its stdout."""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # `python -c` puts the working directory first on sys.path: run it from tests/ so it
+    # imports the installed package, not the repository's uncompiled source tree.
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
     assert done.returncode == 0, done.stderr
     return done.stdout
 
