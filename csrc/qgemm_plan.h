@@ -13,7 +13,7 @@ struct FlutePlan {
   bool fast = false;          // FLUTE kernel (else the simple kernel)
   int m_blocks = 0;           // 8-row mma blocks per launch: 1, 2 or 4
   int rows_per_launch = 0;    // 8 * m_blocks; M is covered in slices of this many rows
-  int columns = 0;            // Stream-K columns of 64 output features
+  int columns = 0;            // Stream-K columns of kFluteColumnN (128) output features
   int k_units = 0;            // 256-k iterations per column
   int grid = 0;               // persistent blocks
   int64_t partial_bytes = 0;  // Stream-K partial sums
