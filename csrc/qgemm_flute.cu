@@ -102,20 +102,14 @@ FlutePlan MakeFlutePlan(int64_t m, int64_t k, int64_t n, int64_t group_rows, int
 
 cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, const uint32_t* codes,
                              const void* scales, const void* table, void* y, void* workspace,
-                             int64_t workspace_bytes, const QgemmDims& d, const FlutePlan& plan_in) {
-  FlutePlan plan = plan_in;
-  // Fewer blocks if the workspace XLA gave is smaller than planned (still correct).
-  const int64_t slot_bytes = int64_t{plan.rows_per_launch} * kFluteColumnN * 4;
-  const int64_t counter_bytes = int64_t{plan.columns} * 4;
-  const int64_t fit = (workspace_bytes - counter_bytes) / (2 * slot_bytes);
-  if (fit < 1) return cudaErrorInvalidValue;
-  plan.grid = static_cast<int>(std::min<int64_t>(plan.grid, fit));
+                             int64_t workspace_bytes, const QgemmDims& d, const FlutePlan& plan) {
+  if (workspace_bytes < plan.workspace_bytes) return cudaErrorInvalidValue;
   flute::Params p;
   p.codes = codes;
   p.scales = scales;
   p.table = table;
   p.partials = static_cast<float*>(workspace);
-  p.counters = reinterpret_cast<int*>(static_cast<char*>(workspace) + 2 * int64_t{plan.grid} * slot_bytes);
+  p.counters = reinterpret_cast<int*>(static_cast<char*>(workspace) + FluteCounterOffset(plan));
   p.k = static_cast<int>(d.k);
   p.n = static_cast<int>(d.n);
   p.n_blocks = static_cast<int>(d.n_blocks);
@@ -125,7 +119,10 @@ cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, cons
   int shift = 0;
   while ((int64_t{16} << shift) < d.group_rows) ++shift;
   p.group_shift = d.groups == 1 ? 30 : shift;  // group_rows = 16 << shift (a power of two)
-  p.grid = plan.grid;
+  const int iterations = plan.columns * plan.k_units;  // < 2^31 (FluteApplies)
+  p.iters_per_block = iterations / plan.grid;          // >= 1: grid <= iterations
+  p.extra_iters = iterations % plan.grid;
+  const int64_t counter_bytes = int64_t{plan.columns} * 4;
   const int flush = FlushTiles(d.group_rows, d.groups);
   constexpr int kElementBytes = 2;
   for (int64_t m0 = 0; m0 < d.m; m0 += plan.rows_per_launch) {
@@ -137,7 +134,7 @@ cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, cons
     status = WithKernel(static_cast<int>(d.bits), bf16, plan.m_blocks, flush, [&](auto kernel, int smem) {
       cudaError_t s = Prepare(kernel, smem);
       if (s != cudaSuccess) return s;
-      kernel<<<p.grid, flute::kThreads, smem, stream>>>(p);
+      kernel<<<plan.grid, flute::kThreads, smem, stream>>>(p);
       return cudaGetLastError();
     });
     if (status != cudaSuccess) return status;

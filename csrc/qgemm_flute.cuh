@@ -20,7 +20,12 @@
 //     persistent grid (as many blocks as fit on the GPU). A column split between
 //     blocks is fixed up by whichever block finishes its part last; it sums all
 //     parts in block order, so results are bitwise deterministic.
-// Codes, x and scales stream through a 3-stage cp.async pipeline of 16-byte loads.
+//
+// Pipeline: one producer warp streams codes, x and scales into kStages shared-
+// memory stages with 16-byte cp.async; each stage has a "full" mbarrier (the
+// producer's copies landed) and an "empty" one (all 8 consumer warps are done
+// with it). Consumer warps never wait on each other inside the main loop, and
+// they spend no instructions on addresses of global memory.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,15 +33,16 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "cuda_types.cuh"
+#include "ptx.cuh"
 
 namespace flute_jax {
 namespace flute {
 
-constexpr int kWarps = 8;                // each warp owns one 16-wide N-block of a column
-constexpr int kThreads = 32 * kWarps;
+constexpr int kWarps = 8;                // consumer warps; each owns one 16-wide N-block of a column
+constexpr int kConsumers = 32 * kWarps;
+constexpr int kThreads = kConsumers + 32;  // + the producer warp
 constexpr int kColumnN = 16 * kWarps;    // output features per Stream-K column
 constexpr int kStages = 3;
 constexpr int kUnitK = 256;              // input features per iteration (one packed unit)
@@ -44,6 +50,7 @@ constexpr int kTiles = kUnitK / 16;
 constexpr int kXStride = kUnitK + 8;     // x row pitch in shared memory (halves): conflict-free ldmatrix
 constexpr int kScaleRows = 8;            // scale rows of one unit (group_rows >= 32, powers of two)
 constexpr int kCopies = 32;              // pair-table copies, one per bank
+constexpr int kConsumerBarrier = 1;      // named barrier of the consumer warps (0 is __syncthreads)
 
 // Kernel arguments (plain values: the kernel is capture-safe).
 struct Params {
@@ -54,62 +61,25 @@ struct Params {
   void* y;                // [M, N] (this launch's rows)
   float* partials;        // [2 * grid][m_tile][kColumnN] Stream-K partial sums
   int* counters;          // [columns] arrivals per split column (zeroed before launch)
-  int m, k, n;            // this launch's rows, and the problem's K, N
+  int m, k, n;            // this launch's rows (<= 8 * m-blocks), and the problem's K, N
   int n_blocks, k_units, columns;
   int groups;
   int group_shift;        // log2(group_rows / 16); 30 when there is a single group
-  int grid;
+  // Stream-K partition of columns * k_units (< 2^31) iterations: block b runs
+  // iters_per_block + (b < extra_iters) of them, starting at IterBegin(b).
+  int iters_per_block, extra_iters;
 };
 
 template <typename T> struct Vec2;
 template <> struct Vec2<__half> { using type = __half2; };
 template <> struct Vec2<__nv_bfloat16> { using type = __nv_bfloat162; };
 
-__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  // src-size 0 reads nothing and fills 16 zero bytes.
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void CpAsyncWait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ uint32_t LdShared(uint32_t addr) {
-  uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
 // Shared-memory sizes of one pipeline stage (dynamic shared memory) and of the
 // pair table (static shared memory, so its address folds into the loads).
 template <int kBits, int kMBlocks>
 struct Smem {
   static constexpr int kUnitWords = 128 * kBits;
+  static constexpr int kUnitChunks = kUnitWords / 4;  // 16-byte chunks of one warp's unit
   static constexpr int kCodeBytes = kWarps * kUnitWords * 4;
   static constexpr int kXBytes = 8 * kMBlocks * kXStride * 2;
   static constexpr int kScaleBytes = kScaleRows * kColumnN * 2;
@@ -118,19 +88,18 @@ struct Smem {
   static constexpr int kDynamic = kStages * kStageBytes;
 };
 
-// Stream-K bookkeeping: block b runs iterations [IterStart(b), IterStart(b + 1)).
-__device__ __forceinline__ int64_t IterStart(int64_t b, int64_t total, int64_t grid) {
-  return b * total / grid;
+// Stream-K bookkeeping in 32-bit integers (no 64-bit division on the device).
+__device__ __forceinline__ int IterBegin(int b, const Params& p) {
+  return b * p.iters_per_block + min(b, p.extra_iters);
 }
-__device__ __forceinline__ int BlockOf(int64_t i, int64_t total, int64_t grid) {
-  int64_t b = i * grid / total;
-  while (b + 1 < grid && IterStart(b + 1, total, grid) <= i) ++b;
-  return static_cast<int>(b);
+__device__ __forceinline__ int BlockOf(int i, const Params& p) {
+  const int big = p.extra_iters * (p.iters_per_block + 1);  // iterations of the longer blocks
+  return i < big ? i / (p.iters_per_block + 1) : p.extra_iters + (i - big) / p.iters_per_block;
 }
 // Partial-sum slot of block b's part of column c: slot 0 for the column its range
 // starts in, slot 1 for the column it ends in (a block has at most two split columns).
-__device__ __forceinline__ int SlotOf(int b, int c, int64_t total, int64_t grid, int k_units) {
-  return 2 * b + (c == IterStart(b, total, grid) / k_units ? 0 : 1);
+__device__ __forceinline__ int SlotOf(int b, int c, const Params& p) {
+  return 2 * b + (c == IterBegin(b, p) / p.k_units ? 0 : 1);
 }
 
 // Byte offset in the pair table of the pair index held in bits [shift, shift + width)
@@ -143,6 +112,56 @@ __device__ __forceinline__ uint32_t PairOffset(uint32_t word, int shift, uint32_
   return (moved & mask) | lane4;
 }
 
+// The producer warp: fills stage s for each of the block's iterations in turn,
+// after the consumers have released it, and arrives on its "full" barrier when
+// the lane's copies have landed (32 arrivals complete the phase).
+template <int kBits, typename T, int kMBlocks>
+__device__ __forceinline__ void Produce(const Params& p, int it_begin, int it_end, int lane, uint32_t stage0,
+                                        uint32_t full0, uint32_t empty0) {
+  using S = Smem<kBits, kMBlocks>;
+  const T* x = static_cast<const T*>(p.x);
+  const T* scales = static_cast<const T*>(p.scales);
+  int c = it_begin / p.k_units, u = it_begin % p.k_units;
+  int s = 0;
+  uint32_t parity = 0;  // of stage s's current use
+  for (int it = it_begin; it < it_end; ++it) {
+    // Use r >= 1 of a stage waits for the consumers' release of use r - 1.
+    if (it - it_begin >= kStages) ptx::MbarWait(empty0 + 8 * s, parity ^ 1);
+    const uint32_t base = stage0 + s * S::kStageBytes;
+    // Codes: the column's (up to) 8 units at k-block u are contiguous in memory;
+    // units past N (last column) are skipped and their warps idle.
+    const uint32_t* src = p.codes + (static_cast<int64_t>(u) * p.n_blocks + c * kWarps) * S::kUnitWords;
+    const int valid = min(kWarps, p.n_blocks - c * kWarps) * S::kUnitChunks;
+#pragma unroll
+    for (int i = 0; i < kWarps * S::kUnitChunks / 32; ++i) {
+      const int chunk = lane + 32 * i;
+      ptx::CpAsync16If(base + 16 * chunk, src + 4 * chunk, chunk < valid);
+    }
+    // x rows of this launch, k in [256 u, 256 u + 256), zero beyond K (the padded
+    // codes there are table[0], not zero). Rows past M are left as they are: an
+    // mma column depends only on its own x row, and those outputs are not stored.
+    const int kk = u * kUnitK + 8 * lane;
+    const bool k_ok = kk < p.k;
+    for (int row = 0; row < p.m; ++row)
+      ptx::CpAsync16(base + S::kCodeBytes + row * kXStride * 2 + 16 * lane,
+                     k_ok ? x + static_cast<int64_t>(row) * p.k + kk : x, k_ok);
+    // The unit's scale rows (rows past its last group, or features past N, are not read).
+    const int g_lo = (u * kTiles) >> p.group_shift;
+    const int g_hi = min(p.groups - 1, (u * kTiles + kTiles - 1) >> p.group_shift);
+#pragma unroll
+    for (int i = 0; i < kScaleRows * (kColumnN / 8) / 32; ++i) {
+      const int idx = lane + 32 * i, row = idx / (kColumnN / 8), chunk = idx % (kColumnN / 8);
+      const int g = g_lo + row, nn = c * kColumnN + 8 * chunk;
+      ptx::CpAsync16If(base + S::kCodeBytes + S::kXBytes + row * kColumnN * 2 + 16 * chunk,
+                       scales + static_cast<int64_t>(g) * p.n + nn, g <= g_hi && nn < p.n);
+    }
+    ptx::MbarArriveOnCopies(full0 + 8 * s);
+    if (++u == p.k_units) { u = 0; ++c; }
+    if (++s == kStages) { s = 0; parity ^= 1; }
+  }
+  ptx::CpAsyncWaitAll();  // leave no copy in flight at exit
+}
+
 // kFlushTiles: k-tiles summed in one fp32 accumulator before it is scaled (2 for
 // group sizes 32 and 64, 8 for 128 and up); a group never straddles a flush.
 template <int kBits, typename T, int kMBlocks, int kFlushTiles>
@@ -153,70 +172,35 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
 
   extern __shared__ __align__(16) unsigned char stages[];
   __shared__ __align__(16) uint32_t pair_table[S::kTableWords];
+  __shared__ __align__(8) uint64_t full_bar[kStages], empty_bar[kStages];
   __shared__ int s_is_last;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t total = static_cast<int64_t>(p.columns) * p.k_units;
-  const int64_t it_begin = IterStart(blockIdx.x, total, p.grid);
-  const int64_t it_end = IterStart(blockIdx.x + 1, total, p.grid);
-  const T* x = static_cast<const T*>(p.x);
-  const T* scales = static_cast<const T*>(p.scales);
-
-  // Loader position (column, unit) of the next iteration to fetch; advanced
-  // incrementally so the loop has no 64-bit division.
-  int load_c = static_cast<int>(it_begin / p.k_units), load_u = static_cast<int>(it_begin % p.k_units);
-  int64_t load_it = it_begin;
-  // Each thread's share of a stage is fixed: kBits 16-byte chunks of codes,
-  // kMBlocks of x (row warp + 8 j, chunk lane) and at most one of scales.
-  const int scale_row = tid / (kColumnN / 8), scale_chunk = tid % (kColumnN / 8);
-  auto load_next = [&](int stage) {
-    unsigned char* base = stages + stage * S::kStageBytes;
-    if (load_it < it_end) {
-      const int c = load_c, u = load_u;
-      // Codes: the column's (up to) 8 units at k-block u are contiguous in memory.
-      const uint32_t* src = p.codes + (static_cast<int64_t>(u) * p.n_blocks + c * kWarps) * kUnitWords;
-      const int valid_chunks = min(kWarps, p.n_blocks - c * kWarps) * (kUnitWords / 4);
+  const int it_begin = IterBegin(blockIdx.x, p), it_end = IterBegin(blockIdx.x + 1, p);
+  const uint32_t full0 = ptx::SharedAddress(full_bar), empty0 = ptx::SharedAddress(empty_bar);
+  if (tid == 0) {
 #pragma unroll
-      for (int j = 0; j < kBits; ++j) {
-        const int i = tid + kThreads * j;
-        CpAsync16(base + 16 * i, i < valid_chunks ? src + 4 * i : p.codes, i < valid_chunks);
-      }
-      // x rows of this launch, k in [256 u, 256 u + 256), zero beyond M and K.
-      const int kk = u * kUnitK + 8 * lane;
-#pragma unroll
-      for (int j = 0; j < kMBlocks; ++j) {
-        const int row = warp + 8 * j;
-        const bool ok = row < p.m && kk < p.k;
-        CpAsync16(base + S::kCodeBytes + row * kXStride * 2 + 16 * lane,
-                  ok ? x + static_cast<int64_t>(row) * p.k + kk : x, ok);
-      }
-      // The unit's scale rows; zero beyond G and N.
-      if (scale_row < kScaleRows) {
-        const int g_lo = (u * kTiles) >> p.group_shift;
-        const int g_hi = min(p.groups - 1, (u * kTiles + kTiles - 1) >> p.group_shift);
-        const int g = g_lo + scale_row, nn = c * kColumnN + 8 * scale_chunk;
-        const bool ok = g <= g_hi && nn < p.n;
-        CpAsync16(base + S::kCodeBytes + S::kXBytes + scale_row * kColumnN * 2 + 16 * scale_chunk,
-                  ok ? scales + static_cast<int64_t>(g) * p.n + nn : scales, ok);
-      }
-      ++load_it;
-      if (++load_u == p.k_units) { load_u = 0; ++load_c; }
+    for (int s = 0; s < kStages; ++s) {
+      ptx::MbarInit(full0 + 8 * s, 32);       // the producer's lanes
+      ptx::MbarInit(empty0 + 8 * s, kWarps);  // one arrival per consumer warp
     }
-    CpAsyncCommit();  // an empty group past the end keeps the wait counts uniform
-  };
+  }
+  __syncthreads();
+  if (warp == kWarps) {
+    Produce<kBits, T, kMBlocks>(p, it_begin, it_end, lane, ptx::SharedAddress(stages), full0, empty0);
+    return;
+  }
 
-  // Start the pipeline, then build the pair table while the first loads fly.
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) load_next(s);
+  // Consumers: build the pair table while the first stages load.
   {
     using T2 = typename Vec2<T>::type;
     __shared__ T table[1 << kBits];  // one global read per entry, then shared-memory reads
     if (tid < (1 << kBits)) table[tid] = static_cast<const T*>(p.table)[tid];
-    __syncthreads();
+    ptx::NamedBarrier(kConsumerBarrier, kConsumers);
     // One pair value per (entry, 16-byte chunk of its 32 copies): a few wide stores per thread.
     constexpr int kChunks = (1 << (2 * kBits)) * kCopies / 4;
 #pragma unroll
-    for (int i = tid; i < kChunks; i += kThreads) {
+    for (int i = tid; i < kChunks; i += kConsumers) {
       const int e = i / (kCopies / 4);
       int even, odd;
       if constexpr (kBits == 3) {  // 2-bit plane pair in bits 0..3, 1-bit plane pair in bits 4..5
@@ -232,9 +216,10 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
       const uint32_t word = *reinterpret_cast<uint32_t*>(&v);
       reinterpret_cast<uint4*>(pair_table)[i] = make_uint4(word, word, word, word);
     }
+    ptx::NamedBarrier(kConsumerBarrier, kConsumers);
   }
   const uint32_t lane4 = 4 * lane;
-  const uint32_t table_addr = static_cast<uint32_t>(__cvta_generic_to_shared(pair_table));
+  const uint32_t table_addr = ptx::SharedAddress(pair_table);
   const uint32_t lane_addr = table_addr + lane4;  // this lane's copy of entry 0
 
   float acc[kMBlocks][4];
@@ -244,14 +229,15 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
     for (int j = 0; j < 4; ++j) acc[mb][j] = 0.f;
 
   const int r = lane >> 2, q = lane & 3;
-  int c = static_cast<int>(it_begin / p.k_units), u = static_cast<int>(it_begin % p.k_units);
-  int stage = 0;
-  for (int64_t it = it_begin; it < it_end; ++it) {
-    CpAsyncWait<kStages - 2>();
-    __syncthreads();  // this stage landed for all threads; the stage refilled next is free
-    load_next(stage == 0 ? kStages - 1 : stage - 1);
-
-    const unsigned char* base = stages + stage * S::kStageBytes;
+  // ldmatrix row addresses: lanes 8j..8j+7 give the rows of matrix j =
+  // (tile t + (j >> 1), k half j & 1).
+  const uint32_t x_lane = 2 * ((lane & 7) * kXStride + 8 * ((lane >> 3) & 1) + 16 * (lane >> 4));
+  int c = it_begin / p.k_units, u = it_begin % p.k_units;
+  int s = 0;
+  uint32_t parity = 0;
+  for (int it = it_begin; it < it_end; ++it) {
+    ptx::MbarWait(full0 + 8 * s, parity);
+    const unsigned char* base = stages + s * S::kStageBytes;
     const bool warp_active = c * kWarps + warp < p.n_blocks;
     if (warp_active) {
       // This lane's code words for the unit, plane by plane (16-byte loads).
@@ -262,11 +248,8 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
         const uint4 v = *reinterpret_cast<const uint4*>(unit + 128 * j + 4 * lane);
         w[4 * j] = v.x; w[4 * j + 1] = v.y; w[4 * j + 2] = v.z; w[4 * j + 3] = v.w;
       }
-      const T* xs = reinterpret_cast<const T*>(base + S::kCodeBytes);
+      const uint32_t x_rows = ptx::SharedAddress(base + S::kCodeBytes) + x_lane;
       const T* ss = reinterpret_cast<const T*>(base + S::kCodeBytes + S::kXBytes) + warp * 16 + r;
-      // ldmatrix row addresses: lanes 8j..8j+7 give the rows of matrix j =
-      // (tile t + (j >> 1), k half j & 1).
-      const T* x_rows = xs + (lane & 7) * kXStride + 8 * ((lane >> 3) & 1) + 16 * (lane >> 4);
       // Two accumulators, for even and odd tiles: two independent mma chains.
       float part[2][kMBlocks][4];
       uint32_t b[kMBlocks][4];  // x fragments of tiles t and t + 1 (one ldmatrix.x4 each)
@@ -283,10 +266,10 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
         uint32_t a[4];
 #pragma unroll
         for (int pr = 0; pr < 4; ++pr) {
-          uint32_t off;
+          uint32_t off = 0;
           if constexpr (kBits == 4) {
             // Byte pr of the word is the pair index: PRMT, then one LEA (index * 128 + lane copy).
-            a[pr] = LdShared((__byte_perm(w[t], 0, 0x4440 + pr) << 7) + lane_addr);
+            a[pr] = ptx::LdShared((__byte_perm(w[t], 0, 0x4440 + pr) << 7) + lane_addr);
             continue;
           } else if constexpr (kBits == 2) {
             off = PairOffset<4>(w[t >> 1], 16 * (t & 1) + 4 * pr, lane4);
@@ -294,15 +277,15 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
             off = PairOffset<4>(w[t >> 1], 16 * (t & 1) + 4 * pr, lane4) |
                   (PairOffset<2>(w[8 + (t >> 2)], 8 * (t & 3) + 2 * pr, 0) << 4);
           }
-          a[pr] = LdShared(table_addr + off);
+          a[pr] = ptx::LdShared(table_addr + off);
         }
         if (t % 2 == 0) {
 #pragma unroll
-          for (int mb = 0; mb < kMBlocks; ++mb) LdMatrixX4(b[mb], x_rows + mb * 8 * kXStride + 16 * t);
+          for (int mb = 0; mb < kMBlocks; ++mb) ptx::LdMatrixX4(b[mb], x_rows + 2 * (mb * 8 * kXStride + 16 * t));
         }
 #pragma unroll
         for (int mb = 0; mb < kMBlocks; ++mb) {
-          Mma<T>(part[t & 1][mb], a, b[mb][2 * (t & 1)], b[mb][2 * (t & 1) + 1]);
+          ptx::Mma<T>(part[t & 1][mb], a, b[mb][2 * (t & 1)], b[mb][2 * (t & 1) + 1]);
         }
         if (t % kFlushTiles == kFlushTiles - 1) {
           const int g = t >> p.group_shift;
@@ -317,11 +300,14 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
         }
       }
     }
+    // Release the stage to the producer once every lane's reads of it are done.
+    __syncwarp();
+    if (lane == 0) ptx::MbarArrive(empty0 + 8 * s);
 
     // End of a segment: the column is done, or this block's range ends.
     if (u == p.k_units - 1 || it + 1 == it_end) {
-      const int first_block = BlockOf(static_cast<int64_t>(c) * p.k_units, total, p.grid);
-      const int last_block = BlockOf(static_cast<int64_t>(c + 1) * p.k_units - 1, total, p.grid);
+      const int first_block = BlockOf(c * p.k_units, p);
+      const int last_block = BlockOf((c + 1) * p.k_units - 1, p);
       const int n0 = c * kColumnN + warp * 16 + r;
       T* y = static_cast<T*>(p.y);
       auto store = [&](int mb, int j, float v) {
@@ -338,39 +324,36 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
 #pragma unroll
             for (int j = 0; j < 4; ++j) store(mb, j, acc[mb][j]);
       } else {
-        float* mine = p.partials + static_cast<int64_t>(SlotOf(blockIdx.x, c, total, p.grid, p.k_units)) *
-                                       kMTile * kColumnN;
+        float* mine = p.partials + static_cast<int64_t>(SlotOf(blockIdx.x, c, p)) * kMTile * kColumnN;
         if (warp_active)
 #pragma unroll
           for (int mb = 0; mb < kMBlocks; ++mb)
 #pragma unroll
             for (int j = 0; j < 4; ++j) __stcg(mine + slot_index(mb, j), acc[mb][j]);
-        __threadfence();
-        __syncthreads();
-        if (tid == 0) s_is_last = atomicAdd(&p.counters[c], 1) == last_block - first_block;
-        __syncthreads();
-        if (s_is_last) {
+        // Publish the part: the barrier orders every consumer's stores before
+        // thread 0's release (the pattern of CUTLASS's split-K semaphore); the
+        // last arriver's acquire, then the barrier, order the reads of all parts.
+        ptx::NamedBarrier(kConsumerBarrier, kConsumers);
+        if (tid == 0) s_is_last = ptx::AtomicAddAcqRel(&p.counters[c], 1) == last_block - first_block;
+        ptx::NamedBarrier(kConsumerBarrier, kConsumers);
+        if (s_is_last && warp_active) {
           // Every part has landed: sum them in block order (deterministic).
-          __threadfence();
-          if (warp_active) {
-            float sum[kMBlocks][4];
+          float sum[kMBlocks][4];
+#pragma unroll
+          for (int mb = 0; mb < kMBlocks; ++mb)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) sum[mb][j] = 0.f;
+          for (int b = first_block; b <= last_block; ++b) {
+            const float* part = p.partials + static_cast<int64_t>(SlotOf(b, c, p)) * kMTile * kColumnN;
 #pragma unroll
             for (int mb = 0; mb < kMBlocks; ++mb)
 #pragma unroll
-              for (int j = 0; j < 4; ++j) sum[mb][j] = 0.f;
-            for (int b = first_block; b <= last_block; ++b) {
-              const float* part = p.partials + static_cast<int64_t>(SlotOf(b, c, total, p.grid, p.k_units)) *
-                                                   kMTile * kColumnN;
-#pragma unroll
-              for (int mb = 0; mb < kMBlocks; ++mb)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) sum[mb][j] += __ldcg(part + slot_index(mb, j));
-            }
-#pragma unroll
-            for (int mb = 0; mb < kMBlocks; ++mb)
-#pragma unroll
-              for (int j = 0; j < 4; ++j) store(mb, j, sum[mb][j]);
+              for (int j = 0; j < 4; ++j) sum[mb][j] += __ldcg(part + slot_index(mb, j));
           }
+#pragma unroll
+          for (int mb = 0; mb < kMBlocks; ++mb)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) store(mb, j, sum[mb][j]);
         }
       }
 #pragma unroll
@@ -379,9 +362,8 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
         for (int j = 0; j < 4; ++j) acc[mb][j] = 0.f;
     }
     if (++u == p.k_units) { u = 0; ++c; }
-    stage = stage == kStages - 1 ? 0 : stage + 1;
+    if (++s == kStages) { s = 0; parity ^= 1; }
   }
-  CpAsyncWait<0>();  // leave no copy in flight at exit
 }
 
 }  // namespace flute

@@ -16,7 +16,6 @@ struct FlutePlan {
   int columns = 0;            // Stream-K columns of kFluteColumnN (128) output features
   int k_units = 0;            // 256-k iterations per column
   int grid = 0;               // persistent blocks
-  int64_t partial_bytes = 0;  // Stream-K partial sums
   int64_t workspace_bytes = 0;
 };
 
@@ -27,9 +26,16 @@ constexpr int kFluteColumnN = 128, kFluteUnitK = 256;
 inline bool FluteApplies(int64_t m, int64_t k, int64_t n, int64_t group_rows, bool is_half_type) {
   const int64_t groups = (k + group_rows - 1) / group_rows;
   const bool pow2_group = group_rows >= 32 && group_rows <= 256 && (group_rows & (group_rows - 1)) == 0;
+  // The kernel indexes Stream-K iterations (128-feature columns x 256-k units) in 32 bits.
+  const int64_t iterations = ((n + kFluteColumnN - 1) / kFluteColumnN) * ((k + kFluteUnitK - 1) / kFluteUnitK);
   return is_half_type && m >= 1 && k % 8 == 0 && n % 8 == 0 && (groups == 1 || pow2_group) &&
-         k < (int64_t{1} << 31) && n < (int64_t{1} << 31) && m < (int64_t{1} << 31);
+         iterations < (int64_t{1} << 31) && m < (int64_t{1} << 31);
 }
+
+// The Stream-K workspace: two fp32 partial-sum slots of [rows_per_launch, 128] per
+// block, then one int counter per column.
+inline int64_t FluteSlotBytes(const FlutePlan& plan) { return int64_t{plan.rows_per_launch} * kFluteColumnN * 4; }
+inline int64_t FluteCounterOffset(const FlutePlan& plan) { return 2 * int64_t{plan.grid} * FluteSlotBytes(plan); }
 
 inline int FluteMBlocks(int64_t m) { return m <= 8 ? 1 : m <= 16 ? 2 : 4; }
 
@@ -46,9 +52,7 @@ inline FlutePlan PlanFlute(int64_t m, int64_t k, int64_t n, int64_t group_rows, 
   plan.k_units = static_cast<int>((k + kFluteUnitK - 1) / kFluteUnitK);
   const int64_t iters = static_cast<int64_t>(plan.columns) * plan.k_units;
   plan.grid = static_cast<int>(std::min<int64_t>(iters, int64_t{sm_count} * blocks_per_sm));
-  const int64_t slot_bytes = int64_t{plan.rows_per_launch} * kFluteColumnN * 4;
-  plan.partial_bytes = 2 * int64_t{plan.grid} * slot_bytes;
-  plan.workspace_bytes = plan.partial_bytes + int64_t{plan.columns} * 4;
+  plan.workspace_bytes = FluteCounterOffset(plan) + int64_t{plan.columns} * 4;
   return plan;
 }
 
