@@ -74,8 +74,9 @@ template <typename T> struct Vec2;
 template <> struct Vec2<__half> { using type = __half2; };
 template <> struct Vec2<__nv_bfloat16> { using type = __nv_bfloat162; };
 
-// Shared-memory sizes of one pipeline stage (dynamic shared memory) and of the
-// pair table (static shared memory, so its address folds into the loads).
+// Dynamic shared memory: the pair table, then kStages pipeline stages. The 2- and
+// 3-bit tables sit at an address aligned to their size, so a lookup address is
+// one LOP3 away from the code bits: (index << 7) | (table + 4 * lane) has no carries.
 template <int kBits, int kMBlocks>
 struct Smem {
   static constexpr int kUnitWords = 128 * kBits;
@@ -84,8 +85,9 @@ struct Smem {
   static constexpr int kXBytes = 8 * kMBlocks * kXStride * 2;
   static constexpr int kScaleBytes = kScaleRows * kColumnN * 2;
   static constexpr int kStageBytes = kCodeBytes + kXBytes + kScaleBytes;
-  static constexpr int kTableWords = (1 << (2 * kBits)) * kCopies;
-  static constexpr int kDynamic = kStages * kStageBytes;
+  static constexpr int kTableBytes = (1 << (2 * kBits)) * kCopies * 4;
+  static constexpr int kTableAlign = kBits == 4 ? 16 : kTableBytes;  // 4-bit: PRMT + LEA, no alignment
+  static constexpr int kDynamic = kTableBytes + (kTableAlign - 16) + kStages * kStageBytes;
 };
 
 // Stream-K bookkeeping in 32-bit integers (no 64-bit division on the device).
@@ -102,14 +104,15 @@ __device__ __forceinline__ int SlotOf(int b, int c, const Params& p) {
   return 2 * b + (c == IterBegin(b, p) / p.k_units ? 0 : 1);
 }
 
-// Byte offset in the pair table of the pair index held in bits [shift, shift + width)
-// of `word`, for this lane's copy: entry * 128 + lane * 4 (lane4 = 4 * lane, bits
-// 2..6, never overlapping the entry bits). Compiles to a shift and one LOP3.
-template <int kWidth>
-__device__ __forceinline__ uint32_t PairOffset(uint32_t word, int shift, uint32_t lane4) {
-  constexpr uint32_t mask = ((1u << kWidth) - 1) << 7;
-  const uint32_t moved = shift >= 7 ? word >> (shift - 7) : word << (7 - shift);
-  return (moved & mask) | lane4;
+// The pair index held in bits [shift, shift + width) of `word`, moved to bits
+// [7 + at, 7 + width + at) and OR-ed into `addr` (whose bits there are zero):
+// a shift and one LOP3.
+template <int kWidth, int kAt = 0>
+__device__ __forceinline__ uint32_t PairBits(uint32_t word, int shift, uint32_t addr) {
+  constexpr uint32_t mask = ((1u << kWidth) - 1) << (7 + kAt);
+  const int to = 7 + kAt;
+  const uint32_t moved = shift >= to ? word >> (shift - to) : word << (to - shift);
+  return (moved & mask) | addr;
 }
 
 // The producer warp: fills stage s for each of the block's iterations in turn,
@@ -170,14 +173,17 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
   constexpr int kMTile = 8 * kMBlocks;
   constexpr int kUnitWords = S::kUnitWords;
 
-  extern __shared__ __align__(16) unsigned char stages[];
-  __shared__ __align__(16) uint32_t pair_table[S::kTableWords];
+  extern __shared__ __align__(16) unsigned char smem[];
   __shared__ __align__(8) uint64_t full_bar[kStages], empty_bar[kStages];
   __shared__ int s_is_last;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int it_begin = IterBegin(blockIdx.x, p), it_end = IterBegin(blockIdx.x + 1, p);
   const uint32_t full0 = ptx::SharedAddress(full_bar), empty0 = ptx::SharedAddress(empty_bar);
+  const uint32_t smem_addr = ptx::SharedAddress(smem);
+  const uint32_t table_addr = (smem_addr + S::kTableAlign - 1) & ~uint32_t(S::kTableAlign - 1);
+  uint32_t* pair_table = reinterpret_cast<uint32_t*>(smem + (table_addr - smem_addr));
+  unsigned char* stages = reinterpret_cast<unsigned char*>(pair_table) + S::kTableBytes;
   if (tid == 0) {
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
@@ -218,9 +224,10 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
     }
     ptx::NamedBarrier(kConsumerBarrier, kConsumers);
   }
-  const uint32_t lane4 = 4 * lane;
-  const uint32_t table_addr = ptx::SharedAddress(pair_table);
-  const uint32_t lane_addr = table_addr + lane4;  // this lane's copy of entry 0
+  // This lane's copy of entry 0, opaque to the compiler: otherwise it splits the
+  // sum into its terms and spends a second LOP3 per lookup re-joining them.
+  uint32_t lane_addr = table_addr + 4 * lane;
+  asm volatile("" : "+r"(lane_addr));
 
   float acc[kMBlocks][4];
 #pragma unroll
@@ -266,18 +273,17 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
         uint32_t a[4];
 #pragma unroll
         for (int pr = 0; pr < 4; ++pr) {
-          uint32_t off = 0;
+          uint32_t addr;
           if constexpr (kBits == 4) {
             // Byte pr of the word is the pair index: PRMT, then one LEA (index * 128 + lane copy).
-            a[pr] = ptx::LdShared((__byte_perm(w[t], 0, 0x4440 + pr) << 7) + lane_addr);
-            continue;
+            addr = (__byte_perm(w[t], 0, 0x4440 + pr) << 7) + lane_addr;
           } else if constexpr (kBits == 2) {
-            off = PairOffset<4>(w[t >> 1], 16 * (t & 1) + 4 * pr, lane4);
+            addr = PairBits<4>(w[t >> 1], 16 * (t & 1) + 4 * pr, lane_addr);
           } else {  // low 4 bits of the pair index from the 2-bit plane, high 2 from the 1-bit plane
-            off = PairOffset<4>(w[t >> 1], 16 * (t & 1) + 4 * pr, lane4) |
-                  (PairOffset<2>(w[8 + (t >> 2)], 8 * (t & 3) + 2 * pr, 0) << 4);
+            addr = PairBits<2, 4>(w[8 + (t >> 2)], 8 * (t & 3) + 2 * pr,
+                                  PairBits<4>(w[t >> 1], 16 * (t & 1) + 4 * pr, lane_addr));
           }
-          a[pr] = ptx::LdShared(table_addr + off);
+          a[pr] = ptx::LdShared(addr);
         }
         if (t % 2 == 0) {
 #pragma unroll
@@ -343,6 +349,7 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
           for (int mb = 0; mb < kMBlocks; ++mb)
 #pragma unroll
             for (int j = 0; j < 4; ++j) sum[mb][j] = 0.f;
+#pragma unroll 4
           for (int b = first_block; b <= last_block; ++b) {
             const float* part = p.partials + static_cast<int64_t>(SlotOf(b, c, p)) * kMTile * kColumnN;
 #pragma unroll
