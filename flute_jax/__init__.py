@@ -5,7 +5,7 @@
     w_hat = flute_jax.dequantize(qw)                                # [K, N]
 """
 
-from . import convert, tables
+from . import convert, dispatch, tables
 from .layout import pack, unpack
 from .ops import qgemm
 from .quantize import QuantizedWeight, dequantize, quantize

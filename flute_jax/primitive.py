@@ -8,8 +8,10 @@ Operands (all arrays; checked in :mod:`flute_jax.ops` before binding):
 Params: ``bits`` and ``group_size`` (K rows per scale group, already resolved from -1).
 Result: ``y [M, N]`` in x's dtype; K comes from x, N from scales.
 
-The CPU lowering calls the threaded C++ handler; the CUDA lowering the CUDA
-handler. Both compute the same function (float32 accumulation).
+The CPU lowering calls the threaded C++ handler. The CUDA lowering calls the CUDA
+handler, or for large M dequantizes once and lets XLA's dot run (the choice is
+:func:`flute_jax.dispatch.gpu_path`). All compute the same function within the
+format's tolerances (float32 accumulation).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
-from . import _ffi
+from . import _ffi, dispatch, layout
 
 qgemm_p = Primitive("flute_qgemm")
 
@@ -44,13 +47,27 @@ def _lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
     return _ffi_lowering(ctx, x, codes, scales, table, bits=np.int64(bits), group_size=np.int64(group_size))
 
 
+def _dense_qgemm(x, codes, scales, table, *, bits: int, group_size: int):
+    """``x @ dequantize(W)``: one dequantization to x's dtype, then XLA's dot (f32 accumulation)."""
+    k, n = x.shape[1], scales.shape[1]
+    values = table.astype(jnp.float32)[layout.unpack(codes, bits, (k, n))]
+    s = jnp.repeat(scales.astype(jnp.float32), group_size, axis=0, total_repeat_length=scales.shape[0] * group_size)
+    w = (values * s[:k]).astype(x.dtype)
+    # float32 x: full precision (XLA's GPU default for f32 dots may round to TF32).
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    return jnp.dot(x, w, precision=precision, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def _cuda_lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
+    x_aval, scales_aval = ctx.avals_in[0], ctx.avals_in[2]
+    m, k = x_aval.shape
+    if dispatch.gpu_path(m, k, scales_aval.shape[1], bits) == "dense":
+        dense = functools.partial(_dense_qgemm, bits=bits, group_size=group_size)
+        return mlir.lower_fun(dense, multiple_results=False)(ctx, x, codes, scales, table)
     # The CUDA handler takes a second result: the Stream-K workspace (partial sums
     # and arrival counters). XLA allocates it like any temporary, so the handler
     # never allocates and stays CUDA-graph safe. Its size comes from the same C++
     # plan the handler follows; only y is returned.
-    x_aval, scales_aval = ctx.avals_in[0], ctx.avals_in[2]
-    m, k = x_aval.shape
     plan = _ffi.cuda_plan(m, k, scales_aval.shape[1], group_size, bits, x_aval.dtype)
     workspace = jax.core.ShapedArray((max(16, plan["workspace_bytes"]),), np.uint8)
     ctx = ctx.replace(avals_out=[ctx.avals_out[0], workspace])

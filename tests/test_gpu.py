@@ -70,3 +70,14 @@ def test_gpu_empty_batch(rng, gpu):
     qw = jax.device_put(random_weight(rng, 256, 32, 2, 64, jnp.float16), gpu)
     y = jax.jit(fj.qgemm)(jax.device_put(jnp.zeros((0, 256), jnp.float16), gpu), qw)
     assert y.shape == (0, 32)
+
+
+@pytest.mark.parametrize("bits,dtype", [(4, "bfloat16"), (3, "float16"), (2, "float32")])
+def test_large_m_takes_the_dense_path(rng, gpu, monkeypatch, bits, dtype):
+    # Above dispatch.KERNEL_MAX_M the CUDA lowering dequantizes once and runs XLA's dot.
+    monkeypatch.delenv("FLUTE_JAX_GPU_PATH", raising=False)
+    m = fj.dispatch.KERNEL_MAX_M + 72
+    x = jax.ShapeDtypeStruct((m, 520), jnp.dtype(dtype))
+    qw = random_weight(rng, 520, 136, bits, 64, jnp.dtype(dtype))
+    assert "flute_qgemm" not in jax.jit(fj.qgemm).trace(x, qw).lower().as_text()
+    check_qgemm(rng, gpu, 520, 136, (m,), bits, 64, dtype, repeats=3)

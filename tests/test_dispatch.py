@@ -1,0 +1,70 @@
+"""The GPU path choice (flute_jax.dispatch) and the dense path's numbers, on CPU.
+
+The dense path (dequantize once, then XLA's dot) is what a GPU runs for large M; its
+function is checked here on CPU against the float64 reference, and the CUDA lowering
+is inspected without a GPU (JAX lowers for a platform it does not have).
+"""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flute_jax as fj
+from conftest import TOLERANCE, reference_qgemm, rel_error
+from flute_jax import _ffi, dispatch, primitive
+from qgemm_checks import random_weight
+
+
+@pytest.mark.parametrize(
+    "bits,group_size,dtype,k,n,m",
+    [
+        (4, 128, "bfloat16", 1000, 300, 3),
+        (3, 64, "float16", 513, 17, 70),
+        (2, -1, "float32", 72, 8, 5),
+        (4, 32, "float32", 300, 40, 2),
+        (3, 256, "bfloat16", 256, 48, 1),
+    ],
+)
+def test_dense_path_matches_reference(rng, bits, group_size, dtype, k, n, m):
+    dtype = jnp.dtype(dtype)
+    qw = random_weight(rng, k, n, bits, group_size, dtype)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    dense = jax.jit(functools.partial(primitive._dense_qgemm, bits=bits, group_size=qw.group_rows))
+    y = dense(x, qw.codes, qw.scales, qw.table)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert rel_error(np.asarray(y), reference_qgemm(np.asarray(x), qw)) <= TOLERANCE[dtype.name]
+
+
+def test_dense_path_propagates_nan(rng):
+    qw = random_weight(rng, 256, 16, 4, 128, jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 256)), jnp.float32).at[1, 7].set(jnp.nan)
+    y = np.asarray(primitive._dense_qgemm(x, qw.codes, qw.scales, qw.table, bits=4, group_size=128))
+    assert np.all(np.isfinite(y[0])) and np.all(np.isnan(y[1]))
+
+
+def test_choice_is_a_threshold_on_m(monkeypatch):
+    monkeypatch.delenv("FLUTE_JAX_GPU_PATH", raising=False)
+    for m, bits in itertools.product((1, 16, 32, dispatch.KERNEL_MAX_M), (2, 3, 4)):
+        assert dispatch.gpu_path(m, 4096, 4096, bits) == "kernel"
+    for m in (dispatch.KERNEL_MAX_M + 1, 1024, 8192):
+        assert dispatch.gpu_path(m, 4096, 4096, 4) == "dense"
+    monkeypatch.setenv("FLUTE_JAX_GPU_PATH", "dense")
+    assert dispatch.gpu_path(1, 4096, 4096, 4) == "dense"
+    monkeypatch.setenv("FLUTE_JAX_GPU_PATH", "fastest")
+    with pytest.raises(ValueError, match="FLUTE_JAX_GPU_PATH"):
+        dispatch.gpu_path(1, 4096, 4096, 4)
+
+
+@pytest.mark.skipif(not _ffi.with_cuda, reason="CPU-only build: no CUDA lowering")
+@pytest.mark.parametrize("m,expect_kernel", [(1, True), (dispatch.KERNEL_MAX_M, True), (dispatch.KERNEL_MAX_M + 1, False)])
+def test_cuda_lowering_follows_the_choice(rng, monkeypatch, m, expect_kernel):
+    monkeypatch.delenv("FLUTE_JAX_GPU_PATH", raising=False)
+    qw = random_weight(rng, 512, 64, 4, 128, jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((m, 512), jnp.bfloat16)
+    text = jax.jit(fj.qgemm).trace(x, qw).lower(lowering_platforms=("cuda",)).as_text()
+    assert ("flute_qgemm" in text) == expect_kernel
+    assert ("dot_general" in text) != expect_kernel
