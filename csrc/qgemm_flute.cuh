@@ -142,21 +142,25 @@ __device__ __forceinline__ void Produce(const Params& p, int it_begin, int it_en
     }
     // x rows of this launch, k in [256 u, 256 u + 256), zero beyond K (the padded
     // codes there are table[0], not zero). Rows past M are left as they are: an
-    // mma column depends only on its own x row, and those outputs are not stored.
+    // mma column depends only on its own x row (whatever it holds, NaN included),
+    // and those outputs are never stored.
     const int kk = u * kUnitK + 8 * lane;
     const bool k_ok = kk < p.k;
     for (int row = 0; row < p.m; ++row)
       ptx::CpAsync16(base + S::kCodeBytes + row * kXStride * 2 + 16 * lane,
                      k_ok ? x + static_cast<int64_t>(row) * p.k + kk : x, k_ok);
-    // The unit's scale rows (rows past its last group, or features past N, are not read).
+    // The unit's scale rows, zero past its last group and past N. Zero, not left
+    // stale: a group past K still meets its tiles' sums (zero, from the zero x) in
+    // an FMA, and stale bytes could be Inf or NaN (compute-sanitizer found this).
     const int g_lo = (u * kTiles) >> p.group_shift;
     const int g_hi = min(p.groups - 1, (u * kTiles + kTiles - 1) >> p.group_shift);
 #pragma unroll
     for (int i = 0; i < kScaleRows * (kColumnN / 8) / 32; ++i) {
       const int idx = lane + 32 * i, row = idx / (kColumnN / 8), chunk = idx % (kColumnN / 8);
       const int g = g_lo + row, nn = c * kColumnN + 8 * chunk;
-      ptx::CpAsync16If(base + S::kCodeBytes + S::kXBytes + row * kColumnN * 2 + 16 * chunk,
-                       scales + static_cast<int64_t>(g) * p.n + nn, g <= g_hi && nn < p.n);
+      const bool ok = g <= g_hi && nn < p.n;
+      ptx::CpAsync16(base + S::kCodeBytes + S::kXBytes + row * kColumnN * 2 + 16 * chunk,
+                     ok ? scales + static_cast<int64_t>(g) * p.n + nn : scales, ok);
     }
     ptx::MbarArriveOnCopies(full0 + 8 * s);
     if (++u == p.k_units) { u = 0; ++c; }
