@@ -14,7 +14,7 @@ for spec in ${1:-4096x4096:1:4}; do
       python3 tools/kernel_probe.py --shapes "$shape" --m "$m" --bits "$bits" --calls 16 --no-trace \
       >"$OUT/ncu_$tag.log" 2>&1 || { echo "ncu failed for $tag"; tail -5 "$OUT/ncu_$tag.log"; continue; }
   ncu -i "$OUT/ncu_$tag.ncu-rep" --page raw --csv >"$OUT/ncu_${tag}_raw.csv" 2>&1
-  grep -E "sm__cycles_active.avg|sm__cycles_elapsed.avg" "$OUT/ncu_${tag}_raw.csv" >/dev/null; python3 - "$OUT/ncu_${tag}_raw.csv" <<'PY' >"$OUT/ncu_${tag}_key.txt"
+  python3 - "$OUT/ncu_${tag}_raw.csv" <<'PY' >"$OUT/ncu_${tag}_key.txt"
 import csv, sys
 rows = list(csv.reader(open(sys.argv[1])))
 for h, v in zip(rows[0], rows[2]):
