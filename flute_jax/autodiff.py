@@ -35,9 +35,9 @@ from jax.interpreters import ad
 from . import layout
 
 
-def _precision(dtype) -> lax.Precision:
-    # float32 gradients should be float32-accurate (no TF32 on GPU); 16-bit
-    # operands are exact in any precision mode.
+def dot_precision(dtype) -> lax.Precision:
+    # float32 dots (gradients, the dense large-M path) should be float32-accurate
+    # (no TF32 on GPU); 16-bit operands are exact in any precision mode.
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
@@ -62,7 +62,7 @@ def _weighted_outer(x, ct) -> jax.Array:
     """``P = x.T @ ct`` as ``float32[K, N]``."""
     return lax.dot_general(
         x, ct.astype(x.dtype), (((0,), (0,)), ((), ())),
-        precision=_precision(x.dtype), preferred_element_type=jnp.float32,
+        precision=dot_precision(x.dtype), preferred_element_type=jnp.float32,
     )
 
 
@@ -72,7 +72,7 @@ def _transpose_x(ct, codes, scales, table, *, bits, group_size, x_aval):
     # The dot runs in the activation dtype with float32 accumulation, as the forward kernel.
     ct_x = lax.dot_general(
         ct, w_hat.astype(ct.dtype), (((1,), (1,)), ((), ())),
-        precision=_precision(ct.dtype), preferred_element_type=jnp.float32,
+        precision=dot_precision(ct.dtype), preferred_element_type=jnp.float32,
     )
     return ct_x.astype(x_aval.dtype)
 

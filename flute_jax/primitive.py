@@ -24,7 +24,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
-from . import _ffi, dispatch, layout
+from . import _ffi, autodiff, dispatch
 
 qgemm_p = Primitive("flute_qgemm")
 
@@ -48,14 +48,11 @@ def _lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
 
 
 def _dense_qgemm(x, codes, scales, table, *, bits: int, group_size: int):
-    """``x @ dequantize(W)``: one dequantization to x's dtype, then XLA's dot (f32 accumulation)."""
-    k, n = x.shape[1], scales.shape[1]
-    values = table.astype(jnp.float32)[layout.unpack(codes, bits, (k, n))]
-    s = jnp.repeat(scales.astype(jnp.float32), group_size, axis=0, total_repeat_length=scales.shape[0] * group_size)
-    w = (values * s[:k]).astype(x.dtype)
-    # float32 x: full precision (XLA's GPU default for f32 dots may round to TF32).
-    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    return jnp.dot(x, w, precision=precision, preferred_element_type=jnp.float32).astype(x.dtype)
+    """``x @ W_hat``: one dequantization to x's dtype, then XLA's dot (f32 accumulation),
+    with the same dequantized weight and precision as the transpose rule for x."""
+    w = autodiff.dequantized(codes, scales, table, bits=bits, group_size=group_size, k=x.shape[1])
+    y = jnp.dot(x, w.astype(x.dtype), precision=autodiff.dot_precision(x.dtype), preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
 
 
 def _cuda_lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):

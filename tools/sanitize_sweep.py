@@ -22,10 +22,8 @@ import flute_jax as fj
 
 
 def reference(x, qw):
-    codes = np.asarray(fj.layout.unpack(qw.codes, qw.bits, qw.shape)).astype(np.int64)
-    table = np.asarray(qw.table.astype(jnp.float32), np.float64)
-    scales = np.asarray(qw.scales.astype(jnp.float32), np.float64)
-    w = table[codes] * np.repeat(scales, qw.group_rows, axis=0)[: qw.shape[0]]
+    """float64 ``x @ W_hat`` (dequantize forms W_hat exactly in float32 for 16-bit tables and scales)."""
+    w = np.asarray(fj.dequantize(qw, jnp.float32), np.float64)
     return np.asarray(x.astype(jnp.float32), np.float64) @ w
 
 
