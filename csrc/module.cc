@@ -35,16 +35,25 @@ NB_MODULE(_flute_ffi, m) {
   });
   // The CUDA handler's plan for a call, for the lowering's workspace size and for tests.
   m.def("cuda_plan", [](int64_t m_rows, int64_t k, int64_t n, int64_t group_rows, int bits,
-                        std::string dtype) {
+                        std::string dtype, bool want_wgmma) {
     flute_jax::FlutePlan plan;
 #ifdef FLUTE_JAX_WITH_CUDA
-    plan = flute_jax::MakeFlutePlan(m_rows, k, n, group_rows, bits, dtype != "float32", dtype == "bfloat16");
+    plan = flute_jax::MakeFlutePlan(m_rows, k, n, group_rows, bits, dtype != "float32", dtype == "bfloat16",
+                                    want_wgmma);
 #endif
     nb::dict out;
-    out["kernel"] = plan.fast ? "flute" : "simple";
+    out["kernel"] = !plan.fast ? "simple" : plan.wgmma ? "flute_wgmma" : "flute";
     out["grid"] = plan.grid;
     out["workspace_bytes"] = plan.workspace_bytes;
     return out;
+  });
+  // Whether the current GPU runs the wgmma tile kernel (compute capability 9.0).
+  m.def("cuda_has_wgmma", []() {
+#ifdef FLUTE_JAX_WITH_CUDA
+    return flute_jax::DeviceHasWgmma();
+#else
+    return false;
+#endif
   });
 #ifdef FLUTE_JAX_WITH_CUDA
   m.attr("with_cuda") = true;

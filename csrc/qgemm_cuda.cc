@@ -29,20 +29,23 @@ cudaError_t Launch(cudaStream_t stream, const ffi::AnyBuffer& x, const ffi::Buff
 ffi::Error QgemmCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> codes,
                          ffi::AnyBuffer scales, ffi::AnyBuffer table,
                          ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Buffer<ffi::U8>> workspace,
-                         int64_t bits, int64_t group_size) {
+                         int64_t bits, int64_t group_size, int64_t kernel) {
   QgemmDims d;
   if (ffi::Error err = CheckQgemmArgs(x, codes, scales, table, *y, bits, group_size, &d);
       err.failure())
     return err;
   if (d.m == 0) return ffi::Error::Success();
   const auto type = x.element_type();
+  if (kernel != 0 && kernel != 1)
+    return ffi::Error::InvalidArgument("flute_qgemm: kernel must be 0 (decode) or 1 (tile), got " +
+                                       std::to_string(kernel));
   const FlutePlan plan = MakeFlutePlan(d.m, d.k, d.n, d.group_rows, d.bits, type != ffi::DataType::F32,
-                                       type == ffi::DataType::BF16);
+                                       type == ffi::DataType::BF16, kernel == 1);
   cudaError_t status;
   if (plan.fast && static_cast<int64_t>(workspace->size_bytes()) >= plan.workspace_bytes) {
     status = LaunchQgemmFlute(stream, type == ffi::DataType::BF16, x.untyped_data(), codes.typed_data(),
                               scales.untyped_data(), table.untyped_data(), y->untyped_data(),
-                              workspace->untyped_data(), workspace->size_bytes(), d, plan);
+                              workspace->untyped_data(), d, plan);
     if (status != cudaSuccess)
       return ffi::Error::Internal(std::string("flute_qgemm: CUDA launch failed: ") +
                                   cudaGetErrorString(status));
@@ -74,7 +77,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QgemmCuda, QgemmCudaImpl,
                                   .Ret<ffi::AnyBuffer>()         // y [M, N]
                                   .Ret<ffi::Buffer<ffi::U8>>()   // Stream-K workspace
                                   .Attr<int64_t>("bits")
-                                  .Attr<int64_t>("group_size"),
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("kernel"),      // 0 decode (mma.sync), 1 tile (wgmma)
                               {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace flute_jax

@@ -8,6 +8,7 @@
 
 #include "qgemm_flute.cuh"
 #include "qgemm_flute.h"
+#include "qgemm_wgmma.h"
 
 namespace flute_jax {
 namespace {
@@ -43,8 +44,9 @@ cudaError_t WithKernel(int bits, bool bf16, int m_blocks, int flush, Fn&& fn) {
   }
 }
 
-// Raises the kernel's dynamic shared-memory limit (once per instance is enough;
-// repeating it is harmless and not a stream operation, so capture-safe).
+// Raises the kernel's dynamic shared-memory limit. Function attributes belong to
+// a device, so this runs before every launch (cheap host calls, not stream
+// operations: capture-safe), not once per process.
 template <typename Kernel>
 cudaError_t Prepare(Kernel kernel, int smem) {
   cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -92,18 +94,20 @@ int CudaSmCount() {
 }  // namespace
 
 FlutePlan MakeFlutePlan(int64_t m, int64_t k, int64_t n, int64_t group_rows, int bits, bool is_half_type,
-                        bool bf16) {
+                        bool bf16, bool want_wgmma) {
   if (!FluteApplies(m, k, n, group_rows, is_half_type)) return FlutePlan{};
   const int64_t groups = (k + group_rows - 1) / group_rows;
   const int sm_count = CudaSmCount();
-  const int blocks = sm_count > 0 ? BlocksPerSm(bits, bf16, FluteMBlocks(m), FlushTiles(group_rows, groups)) : 0;
-  return PlanFlute(m, k, n, group_rows, is_half_type, sm_count, blocks);
+  if (sm_count <= 0) return FlutePlan{};
+  const bool wgmma = want_wgmma && DeviceHasWgmma();
+  const int blocks = wgmma ? FluteTileBlocksPerSm(bits, bf16, FluteTileRows(m))
+                           : BlocksPerSm(bits, bf16, FluteMBlocks(m), FlushTiles(group_rows, groups));
+  return PlanFlute(m, k, n, group_rows, is_half_type, sm_count, blocks, wgmma);
 }
 
 cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, const uint32_t* codes,
-                             const void* scales, const void* table, void* y, void* workspace,
-                             int64_t workspace_bytes, const QgemmDims& d, const FlutePlan& plan) {
-  if (workspace_bytes < plan.workspace_bytes) return cudaErrorInvalidValue;
+                             const void* scales, const void* table, void* y, void* workspace, const QgemmDims& d,
+                             const FlutePlan& plan) {
   flute::Params p;
   p.codes = codes;
   p.scales = scales;
@@ -131,6 +135,11 @@ cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, cons
     p.y = static_cast<char*>(y) + m0 * d.n * kElementBytes;
     cudaError_t status = cudaMemsetAsync(p.counters, 0, counter_bytes, stream);
     if (status != cudaSuccess) return status;
+    if (plan.wgmma) {
+      status = LaunchFluteTile(stream, static_cast<int>(d.bits), bf16, FluteTileRows(p.m), plan.grid, p);
+      if (status != cudaSuccess) return status;
+      continue;
+    }
     status = WithKernel(static_cast<int>(d.bits), bf16, plan.m_blocks, flush, [&](auto kernel, int smem) {
       cudaError_t s = Prepare(kernel, smem);
       if (s != cudaSuccess) return s;

@@ -28,92 +28,24 @@
 // they spend no instructions on addresses of global memory.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cstdint>
-
-#include "cuda_types.cuh"
-#include "ptx.cuh"
+#include "flute_common.cuh"
 
 namespace flute_jax {
 namespace flute {
 
-constexpr int kWarps = 8;                // consumer warps; each owns one 16-wide N-block of a column
-constexpr int kConsumers = 32 * kWarps;
-constexpr int kThreads = kConsumers + 32;  // + the producer warp
-constexpr int kColumnN = 16 * kWarps;    // output features per Stream-K column
 constexpr int kStages = 3;
-constexpr int kUnitK = 256;              // input features per iteration (one packed unit)
-constexpr int kTiles = kUnitK / 16;
-constexpr int kXStride = kUnitK + 8;     // x row pitch in shared memory (halves): conflict-free ldmatrix
-constexpr int kScaleRows = 8;            // scale rows of one unit (group_rows >= 32, powers of two)
-constexpr int kCopies = 32;              // pair-table copies, one per bank
-constexpr int kConsumerBarrier = 1;      // named barrier of the consumer warps (0 is __syncthreads)
+constexpr int kXStride = kUnitK + 8;  // x row pitch in shared memory (halves): conflict-free ldmatrix
 
-// Kernel arguments (plain values: the kernel is capture-safe).
-struct Params {
-  const void* x;          // [M, K] activations (this launch's rows start here)
-  const uint32_t* codes;  // packed codes
-  const void* scales;     // [G, N]
-  const void* table;      // [2**bits]
-  void* y;                // [M, N] (this launch's rows)
-  float* partials;        // [2 * grid][m_tile][kColumnN] Stream-K partial sums
-  int* counters;          // [columns] arrivals per split column (zeroed before launch)
-  int m, k, n;            // this launch's rows (<= 8 * m-blocks), and the problem's K, N
-  int n_blocks, k_units, columns;
-  int groups;
-  int group_shift;        // log2(group_rows / 16); 30 when there is a single group
-  // Stream-K partition of columns * k_units (< 2^31) iterations: block b runs
-  // iters_per_block + (b < extra_iters) of them, starting at IterBegin(b).
-  int iters_per_block, extra_iters;
-};
-
-template <typename T> struct Vec2;
-template <> struct Vec2<__half> { using type = __half2; };
-template <> struct Vec2<__nv_bfloat16> { using type = __nv_bfloat162; };
-
-// Dynamic shared memory: the pair table, then kStages pipeline stages. The 2- and
-// 3-bit tables sit at an address aligned to their size, so a lookup address is
-// one LOP3 away from the code bits: (index << 7) | (table + 4 * lane) has no carries.
+// Dynamic shared memory: the pair table, then kStages pipeline stages.
 template <int kBits, int kMBlocks>
 struct Smem {
   static constexpr int kUnitWords = 128 * kBits;
-  static constexpr int kUnitChunks = kUnitWords / 4;  // 16-byte chunks of one warp's unit
   static constexpr int kCodeBytes = kWarps * kUnitWords * 4;
   static constexpr int kXBytes = 8 * kMBlocks * kXStride * 2;
   static constexpr int kScaleBytes = kScaleRows * kColumnN * 2;
   static constexpr int kStageBytes = kCodeBytes + kXBytes + kScaleBytes;
-  static constexpr int kTableBytes = (1 << (2 * kBits)) * kCopies * 4;
-  static constexpr int kTableAlign = kBits == 4 ? 16 : kTableBytes;  // 4-bit: PRMT + LEA, no alignment
-  static constexpr int kDynamic = kTableBytes + (kTableAlign - 16) + kStages * kStageBytes;
+  static constexpr int kDynamic = PairTable<kBits>::kReserve + kStages * kStageBytes;
 };
-
-// Stream-K bookkeeping in 32-bit integers (no 64-bit division on the device).
-__device__ __forceinline__ int IterBegin(int b, const Params& p) {
-  return b * p.iters_per_block + min(b, p.extra_iters);
-}
-__device__ __forceinline__ int BlockOf(int i, const Params& p) {
-  const int big = p.extra_iters * (p.iters_per_block + 1);  // iterations of the longer blocks
-  return i < big ? i / (p.iters_per_block + 1) : p.extra_iters + (i - big) / p.iters_per_block;
-}
-// Partial-sum slot of block b's part of column c: slot 0 for the column its range
-// starts in, slot 1 for the column it ends in (a block has at most two split columns).
-__device__ __forceinline__ int SlotOf(int b, int c, const Params& p) {
-  return 2 * b + (c == IterBegin(b, p) / p.k_units ? 0 : 1);
-}
-
-// The pair index held in bits [shift, shift + width) of `word`, moved to bits
-// [7 + at, 7 + width + at) and OR-ed into `addr` (whose bits there are zero):
-// a shift and one LOP3.
-template <int kWidth, int kAt = 0>
-__device__ __forceinline__ uint32_t PairBits(uint32_t word, int shift, uint32_t addr) {
-  constexpr uint32_t mask = ((1u << kWidth) - 1) << (7 + kAt);
-  const int to = 7 + kAt;
-  const uint32_t moved = shift >= to ? word >> (shift - to) : word << (to - shift);
-  return (moved & mask) | addr;
-}
 
 // The producer warp: fills stage s for each of the block's iterations in turn,
 // after the consumers have released it, and arrives on its "full" barrier when
@@ -123,7 +55,6 @@ __device__ __forceinline__ void Produce(const Params& p, int it_begin, int it_en
                                         uint32_t full0, uint32_t empty0) {
   using S = Smem<kBits, kMBlocks>;
   const T* x = static_cast<const T*>(p.x);
-  const T* scales = static_cast<const T*>(p.scales);
   int c = it_begin / p.k_units, u = it_begin % p.k_units;
   int s = 0;
   uint32_t parity = 0;  // of stage s's current use
@@ -131,15 +62,7 @@ __device__ __forceinline__ void Produce(const Params& p, int it_begin, int it_en
     // Use r >= 1 of a stage waits for the consumers' release of use r - 1.
     if (it - it_begin >= kStages) ptx::MbarWait(empty0 + 8 * s, parity ^ 1);
     const uint32_t base = stage0 + s * S::kStageBytes;
-    // Codes: the column's (up to) 8 units at k-block u are contiguous in memory;
-    // units past N (last column) are skipped and their warps idle.
-    const uint32_t* src = p.codes + (static_cast<int64_t>(u) * p.n_blocks + c * kWarps) * S::kUnitWords;
-    const int valid = min(kWarps, p.n_blocks - c * kWarps) * S::kUnitChunks;
-#pragma unroll
-    for (int i = 0; i < kWarps * S::kUnitChunks / 32; ++i) {
-      const int chunk = lane + 32 * i;
-      ptx::CpAsync16If(base + 16 * chunk, src + 4 * chunk, chunk < valid);
-    }
+    CopyCodesAndScales<kBits, T>(p, c, u, lane, base, base + S::kCodeBytes + S::kXBytes);
     // x rows of this launch, k in [256 u, 256 u + 256), zero beyond K (the padded
     // codes there are table[0], not zero). Rows past M are left as they are: an
     // mma column depends only on its own x row (whatever it holds, NaN included),
@@ -149,19 +72,6 @@ __device__ __forceinline__ void Produce(const Params& p, int it_begin, int it_en
     for (int row = 0; row < p.m; ++row)
       ptx::CpAsync16(base + S::kCodeBytes + row * kXStride * 2 + 16 * lane,
                      k_ok ? x + static_cast<int64_t>(row) * p.k + kk : x, k_ok);
-    // The unit's scale rows, zero past its last group and past N. Zero, not left
-    // stale: a group past K still meets its tiles' sums (zero, from the zero x) in
-    // an FMA, and stale bytes could be Inf or NaN (compute-sanitizer found this).
-    const int g_lo = (u * kTiles) >> p.group_shift;
-    const int g_hi = min(p.groups - 1, (u * kTiles + kTiles - 1) >> p.group_shift);
-#pragma unroll
-    for (int i = 0; i < kScaleRows * (kColumnN / 8) / 32; ++i) {
-      const int idx = lane + 32 * i, row = idx / (kColumnN / 8), chunk = idx % (kColumnN / 8);
-      const int g = g_lo + row, nn = c * kColumnN + 8 * chunk;
-      const bool ok = g <= g_hi && nn < p.n;
-      ptx::CpAsync16(base + S::kCodeBytes + S::kXBytes + row * kColumnN * 2 + 16 * chunk,
-                     ok ? scales + static_cast<int64_t>(g) * p.n + nn : scales, ok);
-    }
     ptx::MbarArriveOnCopies(full0 + 8 * s);
     if (++u == p.k_units) { u = 0; ++c; }
     if (++s == kStages) { s = 0; parity ^= 1; }
@@ -174,7 +84,6 @@ __device__ __forceinline__ void Produce(const Params& p, int it_begin, int it_en
 template <int kBits, typename T, int kMBlocks, int kFlushTiles>
 __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKernel(const Params p) {
   using S = Smem<kBits, kMBlocks>;
-  constexpr int kMTile = 8 * kMBlocks;
   constexpr int kUnitWords = S::kUnitWords;
 
   extern __shared__ __align__(16) unsigned char smem[];
@@ -185,9 +94,9 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
   const int it_begin = IterBegin(blockIdx.x, p), it_end = IterBegin(blockIdx.x + 1, p);
   const uint32_t full0 = ptx::SharedAddress(full_bar), empty0 = ptx::SharedAddress(empty_bar);
   const uint32_t smem_addr = ptx::SharedAddress(smem);
-  const uint32_t table_addr = (smem_addr + S::kTableAlign - 1) & ~uint32_t(S::kTableAlign - 1);
+  const uint32_t table_addr = (smem_addr + PairTable<kBits>::kAlign - 1) & ~uint32_t(PairTable<kBits>::kAlign - 1);
   uint32_t* pair_table = reinterpret_cast<uint32_t*>(smem + (table_addr - smem_addr));
-  unsigned char* stages = reinterpret_cast<unsigned char*>(pair_table) + S::kTableBytes;
+  unsigned char* stages = reinterpret_cast<unsigned char*>(pair_table) + PairTable<kBits>::kBytes;
   if (tid == 0) {
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
@@ -202,36 +111,7 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
   }
 
   // Consumers: build the pair table while the first stages load.
-  {
-    using T2 = typename Vec2<T>::type;
-    __shared__ T table[1 << kBits];  // one global read per entry, then shared-memory reads
-    if (tid < (1 << kBits)) table[tid] = static_cast<const T*>(p.table)[tid];
-    ptx::NamedBarrier(kConsumerBarrier, kConsumers);
-    // One pair value per (entry, 16-byte chunk of its 32 copies): a few wide stores per thread.
-    constexpr int kChunks = (1 << (2 * kBits)) * kCopies / 4;
-#pragma unroll
-    for (int i = tid; i < kChunks; i += kConsumers) {
-      const int e = i / (kCopies / 4);
-      int even, odd;
-      if constexpr (kBits == 3) {  // 2-bit plane pair in bits 0..3, 1-bit plane pair in bits 4..5
-        even = (e & 3) | (((e >> 4) & 1) << 2);
-        odd = ((e >> 2) & 3) | (((e >> 5) & 1) << 2);
-      } else {
-        even = e & ((1 << kBits) - 1);
-        odd = e >> kBits;
-      }
-      T2 v;
-      v.x = table[even];
-      v.y = table[odd];
-      const uint32_t word = *reinterpret_cast<uint32_t*>(&v);
-      reinterpret_cast<uint4*>(pair_table)[i] = make_uint4(word, word, word, word);
-    }
-    ptx::NamedBarrier(kConsumerBarrier, kConsumers);
-  }
-  // This lane's copy of entry 0, opaque to the compiler: otherwise it splits the
-  // sum into its terms and spends a second LOP3 per lookup re-joining them.
-  uint32_t lane_addr = table_addr + 4 * lane;
-  asm volatile("" : "+r"(lane_addr));
+  const uint32_t lane_addr = BuildPairTable<kBits, T>(p.table, pair_table, tid);
 
   float acc[kMBlocks][4];
 #pragma unroll
@@ -251,14 +131,8 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
     const unsigned char* base = stages + s * S::kStageBytes;
     const bool warp_active = c * kWarps + warp < p.n_blocks;
     if (warp_active) {
-      // This lane's code words for the unit, plane by plane (16-byte loads).
-      const uint32_t* unit = reinterpret_cast<const uint32_t*>(base) + warp * kUnitWords;
       uint32_t w[4 * kBits];
-#pragma unroll
-      for (int j = 0; j < kBits; ++j) {
-        const uint4 v = *reinterpret_cast<const uint4*>(unit + 128 * j + 4 * lane);
-        w[4 * j] = v.x; w[4 * j + 1] = v.y; w[4 * j + 2] = v.z; w[4 * j + 3] = v.w;
-      }
+      LoadCodes<kBits>(reinterpret_cast<const uint32_t*>(base) + warp * kUnitWords, lane, w);
       const uint32_t x_rows = ptx::SharedAddress(base + S::kCodeBytes) + x_lane;
       const T* ss = reinterpret_cast<const T*>(base + S::kCodeBytes + S::kXBytes) + warp * 16 + r;
       // Two accumulators, for even and odd tiles: two independent mma chains.
@@ -275,20 +149,7 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
               for (int j = 0; j < 4; ++j) part[h][mb][j] = 0.f;
         }
         uint32_t a[4];
-#pragma unroll
-        for (int pr = 0; pr < 4; ++pr) {
-          uint32_t addr;
-          if constexpr (kBits == 4) {
-            // Byte pr of the word is the pair index: PRMT, then one LEA (index * 128 + lane copy).
-            addr = (__byte_perm(w[t], 0, 0x4440 + pr) << 7) + lane_addr;
-          } else if constexpr (kBits == 2) {
-            addr = PairBits<4>(w[t >> 1], 16 * (t & 1) + 4 * pr, lane_addr);
-          } else {  // low 4 bits of the pair index from the 2-bit plane, high 2 from the 1-bit plane
-            addr = PairBits<2, 4>(w[8 + (t >> 2)], 8 * (t & 3) + 2 * pr,
-                                  PairBits<4>(w[t >> 1], 16 * (t & 1) + 4 * pr, lane_addr));
-          }
-          a[pr] = ptx::LdShared(addr);
-        }
+        LookupTile<kBits>(w, t, lane_addr, a);
         if (t % 2 == 0) {
 #pragma unroll
           for (int mb = 0; mb < kMBlocks; ++mb) ptx::LdMatrixX4(b[mb], x_rows + 2 * (mb * 8 * kXStride + 16 * t));
@@ -316,57 +177,7 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
 
     // End of a segment: the column is done, or this block's range ends.
     if (u == p.k_units - 1 || it + 1 == it_end) {
-      const int first_block = BlockOf(c * p.k_units, p);
-      const int last_block = BlockOf((c + 1) * p.k_units - 1, p);
-      const int n0 = c * kColumnN + warp * 16 + r;
-      T* y = static_cast<T*>(p.y);
-      auto store = [&](int mb, int j, float v) {
-        const int m = mb * 8 + 2 * q + (j & 1), nn = n0 + 8 * (j >> 1);
-        if (m < p.m && nn < p.n) y[static_cast<int64_t>(m) * p.n + nn] = FromF32<T>(v);
-      };
-      auto slot_index = [&](int mb, int j) {
-        return (mb * 8 + 2 * q + (j & 1)) * kColumnN + warp * 16 + r + 8 * (j >> 1);
-      };
-      if (first_block == last_block) {  // the whole column was ours
-        if (warp_active)
-#pragma unroll
-          for (int mb = 0; mb < kMBlocks; ++mb)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) store(mb, j, acc[mb][j]);
-      } else {
-        float* mine = p.partials + static_cast<int64_t>(SlotOf(blockIdx.x, c, p)) * kMTile * kColumnN;
-        if (warp_active)
-#pragma unroll
-          for (int mb = 0; mb < kMBlocks; ++mb)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) __stcg(mine + slot_index(mb, j), acc[mb][j]);
-        // Publish the part: the barrier orders every consumer's stores before
-        // thread 0's release (the pattern of CUTLASS's split-K semaphore); the
-        // last arriver's acquire, then the barrier, order the reads of all parts.
-        ptx::NamedBarrier(kConsumerBarrier, kConsumers);
-        if (tid == 0) s_is_last = ptx::AtomicAddAcqRel(&p.counters[c], 1) == last_block - first_block;
-        ptx::NamedBarrier(kConsumerBarrier, kConsumers);
-        if (s_is_last && warp_active) {
-          // Every part has landed: sum them in block order (deterministic).
-          float sum[kMBlocks][4];
-#pragma unroll
-          for (int mb = 0; mb < kMBlocks; ++mb)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) sum[mb][j] = 0.f;
-#pragma unroll 4
-          for (int b = first_block; b <= last_block; ++b) {
-            const float* part = p.partials + static_cast<int64_t>(SlotOf(b, c, p)) * kMTile * kColumnN;
-#pragma unroll
-            for (int mb = 0; mb < kMBlocks; ++mb)
-#pragma unroll
-              for (int j = 0; j < 4; ++j) sum[mb][j] += __ldcg(part + slot_index(mb, j));
-          }
-#pragma unroll
-          for (int mb = 0; mb < kMBlocks; ++mb)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) store(mb, j, sum[mb][j]);
-        }
-      }
+      FinishColumn<T, kMBlocks>(p, c, acc, warp_active, &s_is_last);
 #pragma unroll
       for (int mb = 0; mb < kMBlocks; ++mb)
 #pragma unroll

@@ -10,9 +10,10 @@
 namespace flute_jax {
 
 struct FlutePlan {
-  bool fast = false;          // FLUTE kernel (else the simple kernel)
-  int m_blocks = 0;           // 8-row mma blocks per launch: 1, 2 or 4
-  int rows_per_launch = 0;    // 8 * m_blocks; M is covered in slices of this many rows
+  bool fast = false;          // a FLUTE kernel (else the simple kernel)
+  bool wgmma = false;         // the wgmma tile kernel (sm_90a), else the mma.sync decode kernel
+  int m_blocks = 0;           // decode kernel: 8-row mma blocks per launch, 1, 2 or 4
+  int rows_per_launch = 0;    // M is covered in slices of this many rows: 8 * m_blocks, or 64 / 128
   int columns = 0;            // Stream-K columns of kFluteColumnN (128) output features
   int k_units = 0;            // 256-k iterations per column
   int grid = 0;               // persistent blocks
@@ -38,16 +39,20 @@ inline int64_t FluteSlotBytes(const FlutePlan& plan) { return int64_t{plan.rows_
 inline int64_t FluteCounterOffset(const FlutePlan& plan) { return 2 * int64_t{plan.grid} * FluteSlotBytes(plan); }
 
 inline int FluteMBlocks(int64_t m) { return m <= 8 ? 1 : m <= 16 ? 2 : 4; }
+// Rows of x per launch of the tile kernel. A last slice of at most 64 rows runs
+// the 64-row instance (the launcher's choice, within this plan's workspace).
+inline int FluteTileRows(int64_t m) { return m <= 64 ? 64 : 128; }
 
 // The plan for a call the kernel applies to, given the GPU's multiprocessors and
-// how many blocks of the chosen kernel fit on one.
+// how many blocks of the chosen kernel (decode, or tile when `wgmma`) fit on one.
 inline FlutePlan PlanFlute(int64_t m, int64_t k, int64_t n, int64_t group_rows, bool is_half_type,
-                           int sm_count, int blocks_per_sm) {
+                           int sm_count, int blocks_per_sm, bool wgmma = false) {
   FlutePlan plan;
   plan.fast = FluteApplies(m, k, n, group_rows, is_half_type) && sm_count > 0 && blocks_per_sm > 0;
   if (!plan.fast) return plan;
-  plan.m_blocks = FluteMBlocks(m);
-  plan.rows_per_launch = 8 * plan.m_blocks;
+  plan.wgmma = wgmma;
+  plan.m_blocks = wgmma ? 0 : FluteMBlocks(m);
+  plan.rows_per_launch = wgmma ? FluteTileRows(m) : 8 * plan.m_blocks;
   plan.columns = static_cast<int>((n + kFluteColumnN - 1) / kFluteColumnN);
   plan.k_units = static_cast<int>((k + kFluteUnitK - 1) / kFluteUnitK);
   const int64_t iters = static_cast<int64_t>(plan.columns) * plan.k_units;

@@ -15,13 +15,19 @@ QGEMM_TARGET = "flute_qgemm"
 with_cuda: bool = bool(_flute_ffi.with_cuda)
 
 
-def cuda_plan(m: int, k: int, n: int, group_rows: int, bits: int, dtype) -> dict:
+def cuda_plan(m: int, k: int, n: int, group_rows: int, bits: int, dtype, *, wgmma: bool = False) -> dict:
     """The CUDA handler's plan for ``[m, k] @ [k, n]`` on the current GPU.
 
-    ``dtype`` is x's dtype. Returns ``{"kernel": "flute" | "simple", "grid",
+    ``dtype`` is x's dtype; ``wgmma`` asks for the tile kernel (granted on compute
+    capability 9.0). Returns ``{"kernel": "flute" | "flute_wgmma" | "simple", "grid",
     "workspace_bytes"}`` (always "simple" in a build without CUDA).
     """
-    return dict(_flute_ffi.cuda_plan(m, k, n, group_rows, bits, str(np.dtype(dtype))))
+    return dict(_flute_ffi.cuda_plan(m, k, n, group_rows, bits, str(np.dtype(dtype)), bool(wgmma)))
+
+
+def cuda_has_wgmma() -> bool:
+    """Whether the current GPU runs the wgmma tile kernel (False without a GPU or CUDA)."""
+    return bool(_flute_ffi.cuda_has_wgmma())
 
 for _name, _capsule in _flute_ffi.cpu_targets().items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")

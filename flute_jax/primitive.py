@@ -9,9 +9,9 @@ Params: ``bits`` and ``group_size`` (K rows per scale group, already resolved fr
 Result: ``y [M, N]`` in x's dtype; K comes from x, N from scales.
 
 The CPU lowering calls the threaded C++ handler. The CUDA lowering calls the CUDA
-handler, or for large M dequantizes once and lets XLA's dot run (the choice is
-:func:`flute_jax.dispatch.gpu_path`). All compute the same function within the
-format's tolerances (float32 accumulation).
+handler with the kernel to run (decode or tile), or dequantizes once and lets XLA's
+dot run; the choice is :func:`flute_jax.dispatch.gpu_path`. All compute the same
+function within the format's tolerances (float32 accumulation).
 """
 
 from __future__ import annotations
@@ -58,17 +58,21 @@ def _dense_qgemm(x, codes, scales, table, *, bits: int, group_size: int):
 def _cuda_lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
     x_aval, scales_aval = ctx.avals_in[0], ctx.avals_in[2]
     m, k = x_aval.shape
-    if dispatch.gpu_path(m, k, scales_aval.shape[1], bits) == "dense":
+    path = dispatch.gpu_path(m, k, scales_aval.shape[1], bits, wgmma=_ffi.cuda_has_wgmma())
+    if path == "dense":
         dense = functools.partial(_dense_qgemm, bits=bits, group_size=group_size)
         return mlir.lower_fun(dense, multiple_results=False)(ctx, x, codes, scales, table)
     # The CUDA handler takes a second result: the Stream-K workspace (partial sums
     # and arrival counters). XLA allocates it like any temporary, so the handler
     # never allocates and stays CUDA-graph safe. Its size comes from the same C++
     # plan the handler follows; only y is returned.
-    plan = _ffi.cuda_plan(m, k, scales_aval.shape[1], group_size, bits, x_aval.dtype)
+    wgmma = path == "wgmma"
+    plan = _ffi.cuda_plan(m, k, scales_aval.shape[1], group_size, bits, x_aval.dtype, wgmma=wgmma)
     workspace = jax.core.ShapedArray((max(16, plan["workspace_bytes"]),), np.uint8)
     ctx = ctx.replace(avals_out=[ctx.avals_out[0], workspace])
-    y, _ = _ffi_lowering(ctx, x, codes, scales, table, bits=np.int64(bits), group_size=np.int64(group_size))
+    y, _ = _ffi_lowering(
+        ctx, x, codes, scales, table, bits=np.int64(bits), group_size=np.int64(group_size), kernel=np.int64(wgmma)
+    )
     return [y]
 
 

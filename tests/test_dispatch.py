@@ -46,25 +46,46 @@ def test_dense_path_propagates_nan(rng):
     assert np.all(np.isfinite(y[0])) and np.all(np.isnan(y[1]))
 
 
-def test_choice_is_a_threshold_on_m(monkeypatch):
+def test_choice_is_thresholds_on_m(monkeypatch):
     monkeypatch.delenv("FLUTE_JAX_GPU_PATH", raising=False)
-    for m, bits in itertools.product((1, 16, 32, dispatch.KERNEL_MAX_M), (2, 3, 4)):
-        assert dispatch.gpu_path(m, 4096, 4096, bits) == "kernel"
+    for m, bits, wgmma in itertools.product((1, 16, dispatch.DECODE_MAX_M), (2, 3, 4), (False, True)):
+        assert dispatch.gpu_path(m, 4096, 4096, bits, wgmma=wgmma) == "mma"
+    for m in (dispatch.DECODE_MAX_M + 1, 64, 1024, 8192):
+        assert dispatch.gpu_path(m, 4096, 4096, 4, wgmma=True) == "wgmma"
+    assert dispatch.gpu_path(dispatch.KERNEL_MAX_M, 4096, 4096, 4, wgmma=False) == "mma"
     for m in (dispatch.KERNEL_MAX_M + 1, 1024, 8192):
-        assert dispatch.gpu_path(m, 4096, 4096, 4) == "dense"
-    monkeypatch.setenv("FLUTE_JAX_GPU_PATH", "dense")
-    assert dispatch.gpu_path(1, 4096, 4096, 4) == "dense"
+        assert dispatch.gpu_path(m, 4096, 4096, 4, wgmma=False) == "dense"
+    for forced in dispatch.PATHS:
+        monkeypatch.setenv("FLUTE_JAX_GPU_PATH", forced)
+        assert dispatch.gpu_path(1, 4096, 4096, 4, wgmma=False) == forced
     monkeypatch.setenv("FLUTE_JAX_GPU_PATH", "fastest")
     with pytest.raises(ValueError, match="FLUTE_JAX_GPU_PATH"):
-        dispatch.gpu_path(1, 4096, 4096, 4)
+        dispatch.gpu_path(1, 4096, 4096, 4, wgmma=True)
 
 
 @pytest.mark.skipif(not _ffi.with_cuda, reason="CPU-only build: no CUDA lowering")
-@pytest.mark.parametrize("m,expect_kernel", [(1, True), (dispatch.KERNEL_MAX_M, True), (dispatch.KERNEL_MAX_M + 1, False)])
-def test_cuda_lowering_follows_the_choice(rng, monkeypatch, m, expect_kernel):
+@pytest.mark.parametrize(
+    "m,path",
+    [(1, "mma"), (dispatch.DECODE_MAX_M + 1, None), (dispatch.KERNEL_MAX_M + 1, None)],
+)
+def test_cuda_lowering_follows_the_choice(rng, monkeypatch, m, path):
     monkeypatch.delenv("FLUTE_JAX_GPU_PATH", raising=False)
+    path = path or dispatch.gpu_path(m, 512, 64, 4, wgmma=_ffi.cuda_has_wgmma())
     qw = random_weight(rng, 512, 64, 4, 128, jnp.bfloat16)
     x = jax.ShapeDtypeStruct((m, 512), jnp.bfloat16)
     text = jax.jit(fj.qgemm).trace(x, qw).lower(lowering_platforms=("cuda",)).as_text()
-    assert ("flute_qgemm" in text) == expect_kernel
-    assert ("dot_general" in text) != expect_kernel
+    assert ("flute_qgemm" in text) == (path != "dense")
+    assert ("dot_general" in text) == (path == "dense")
+    if path != "dense":
+        assert f"kernel = {int(path == 'wgmma')} : i64" in text
+
+
+@pytest.mark.skipif(not _ffi.with_cuda, reason="CPU-only build: no CUDA lowering")
+@pytest.mark.parametrize("forced", ["mma", "wgmma"])
+def test_forced_kernel_reaches_the_custom_call(rng, monkeypatch, forced):
+    monkeypatch.setenv("FLUTE_JAX_GPU_PATH", forced)
+    jax.clear_caches()  # the path is read at lowering time; an earlier lowering may be cached
+    qw = random_weight(rng, 512, 64, 4, 128, jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((300, 512), jnp.bfloat16)
+    text = jax.jit(fj.qgemm).trace(x, qw).lower(lowering_platforms=("cuda",)).as_text()
+    assert f"kernel = {int(forced == 'wgmma')} : i64" in text

@@ -1,7 +1,8 @@
 """The FLUTE kernel on Llama-3 linear-layer shapes (skipped without a GPU).
 
 Every (K, N) of the Llama-3 8B / 70B / 405B linear layers and their tensor-parallel
-slices (TP 1, 2, 4, 8); M in 1, 3, 16, 32; bits 2, 3, 4; group sizes 64, 128, -1;
+slices (TP 1, 2, 4, 8); M in 1, 3, 16, 32 (decode kernel) and one of 64, 96, 160 per
+(shape, bits) (the tile kernel on Hopper); bits 2, 3, 4; group sizes 64, 128, -1;
 float16 and bfloat16; random tables, codes and scales. The float64 reference is
 computed on the GPU (x64) from the codes, so large shapes stay cheap.
 
@@ -43,6 +44,7 @@ def llama_shapes():
 
 SHAPES = llama_shapes()
 MS = (1, 3, 16, 32)
+TILE_MS = (64, 96, 160)  # one per (shape, bits): keeps the compile count down
 COMBOS = list(itertools.product((64, 128, -1), ("bfloat16", "float16")))  # (group size, dtype)
 
 
@@ -71,6 +73,9 @@ def test_llama_shape(gpu, index):
         dtype = jnp.dtype(dtype_name)
         group_rows = k if group_size == -1 else group_size
         assert _ffi.cuda_plan(32, k, n, group_rows, bits, dtype)["kernel"] == "flute"
+        ms = MS + (TILE_MS[(index + bits) % len(TILE_MS)],)
+        if _ffi.cuda_has_wgmma():
+            assert _ffi.cuda_plan(ms[-1], k, n, group_rows, bits, dtype, wgmma=True)["kernel"] == "flute_wgmma"
         key, kc, ks, kt, kx = jax.random.split(key, 5)
         with jax.default_device(gpu):
             codes = jax.random.randint(kc, (k, n), 0, 2**bits, jnp.uint8)
@@ -80,13 +85,13 @@ def test_llama_shape(gpu, index):
             qw = fj.QuantizedWeight(codes=jax.jit(fj.pack, static_argnums=1)(codes, bits), scales=scales,
                                     table=table, bits=bits, group_size=group_size, shape=(k, n))
             xs = [jax.random.normal(kk, (m, k), jnp.float32).astype(dtype)
-                  for kk, m in zip(jax.random.split(kx, len(MS)), MS)]
+                  for kk, m in zip(jax.random.split(kx, len(ms)), ms)]
             ys = [jax.jit(fj.qgemm)(x, qw) for x in xs]
             with jax.enable_x64(True):
                 ref = _reference(jnp.concatenate(xs).astype(jnp.float64), codes,
                                  table.astype(jnp.float64), scales.astype(jnp.float64), group_rows)
                 offset = 0
-                for x, y, m in zip(xs, ys, MS):
+                for x, y, m in zip(xs, ys, ms):
                     r = ref[offset : offset + m]
                     offset += m
                     err = float(jnp.linalg.norm(y.astype(jnp.float64) - r) / jnp.linalg.norm(r))

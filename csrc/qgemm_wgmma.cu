@@ -1,0 +1,92 @@
+// Instantiations and launch of the wgmma tile kernel (see qgemm_wgmma.cuh).
+// Templates: bits {2, 3, 4} x dtype {f16, bf16} x rows {64, 128}. The sm_80 pass
+// compiles empty bodies; the host launches them only on compute capability 9.0.
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <type_traits>
+
+#include "qgemm_wgmma.cuh"
+#include "qgemm_flute.h"
+#include "qgemm_wgmma.h"
+
+namespace flute_jax {
+namespace {
+
+// Calls `fn` with the kernel instance for (bits, bf16, m_tile) and its shared-memory size.
+template <typename Fn>
+cudaError_t WithTileKernel(int bits, bool bf16, int m_tile, Fn&& fn) {
+  auto pick = [&](auto bits_c, auto type_c) -> cudaError_t {
+    constexpr int kBits = decltype(bits_c)::value;
+    using T = typename decltype(type_c)::type;
+    if (m_tile == 64) return fn(flute::FluteTileKernel<kBits, T, 64>, flute::TileSmem<kBits, 64>::kDynamic);
+    return fn(flute::FluteTileKernel<kBits, T, 128>, flute::TileSmem<kBits, 128>::kDynamic);
+  };
+  struct Bf16 { using type = __nv_bfloat16; };
+  struct F16 { using type = __half; };
+  switch (bits) {
+    case 2: return bf16 ? pick(std::integral_constant<int, 2>{}, Bf16{}) : pick(std::integral_constant<int, 2>{}, F16{});
+    case 3: return bf16 ? pick(std::integral_constant<int, 3>{}, Bf16{}) : pick(std::integral_constant<int, 3>{}, F16{});
+    default: return bf16 ? pick(std::integral_constant<int, 4>{}, Bf16{}) : pick(std::integral_constant<int, 4>{}, F16{});
+  }
+}
+
+// The dynamic shared-memory limit is a per-device function attribute, so it is
+// set before every launch (a host call, not a stream operation: capture-safe).
+template <typename Kernel>
+cudaError_t Prepare(Kernel kernel, int smem) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+}
+
+}  // namespace
+
+bool DeviceHasWgmma() {
+  static std::atomic<int> cache[64];  // per device: 0 unknown, 1 no, 2 yes
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  const int known = device < 64 ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (known) return known == 2;
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  const bool has = major == 9 && minor == 0;  // sm_90a code runs on exactly 9.0
+  if (device < 64) cache[device].store(has ? 2 : 1, std::memory_order_relaxed);
+  return has;
+}
+
+int FluteTileBlocksPerSm(int bits, bool bf16, int m_tile) {
+  // Cached per instance (the GPUs of one process are alike); 0 = not yet known.
+  static std::atomic<int> cache[3][2][2];
+  std::atomic<int>& slot = cache[bits - 2][bf16][m_tile == 64 ? 0 : 1];
+  const int known = slot.load(std::memory_order_relaxed);
+  if (known > 0) return known;
+  int blocks = 0;
+  const cudaError_t status = WithTileKernel(bits, bf16, m_tile, [&](auto kernel, int smem) {
+    cudaError_t s = Prepare(kernel, smem);
+    if (s != cudaSuccess) return s;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, flute::kTileThreads, smem);
+  });
+  if (status != cudaSuccess) {
+    cudaGetLastError();  // not sticky: clear it so later calls are unaffected
+    return 0;
+  }
+  slot.store(blocks, std::memory_order_relaxed);
+  return blocks;
+}
+
+cudaError_t LaunchFluteTile(cudaStream_t stream, int bits, bool bf16, int m_tile, int grid, const flute::Params& p) {
+  return WithTileKernel(bits, bf16, m_tile, [&](auto kernel, int smem) {
+    cudaError_t s = Prepare(kernel, smem);
+    if (s != cudaSuccess) return s;
+    kernel<<<grid, flute::kTileThreads, smem, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace flute_jax

@@ -1,0 +1,215 @@
+// The FLUTE qgemm kernel for batches and prefill (64 or 128 rows of x per launch),
+// on Hopper's warpgroup tensor-core instruction (wgmma, sm_90a).
+//
+// Same block, packed layout, pair table, pipeline and Stream-K partition as the
+// decode kernel (qgemm_flute.cuh); what changes is the matrix multiply. Each of
+// the two consumer warpgroups computes 64 output features x kMTile tokens with
+// wgmma.m64n{kMTile}k16: A = the table values of W^T straight from the lookups,
+// in registers (a warp's A fragments are exactly the decode kernel's: each warp of
+// the warpgroup holds its own 16 features), B = x^T from shared memory, read by
+// the tensor cores themselves. The decode kernel re-reads the weight for every 32
+// rows and spends a ldmatrix per 8 rows; here one pass over the weight serves 128
+// rows, and x costs no instructions at all.
+//
+// Scales multiply the looked-up values (one HMUL2 per A register) instead of the
+// accumulators: wgmma accumulates asynchronously, and a per-group accumulator
+// would have to be waited for and flushed at every group.
+//
+// Overlap: a unit's 16 k-tiles go in four groups of four wgmmas, alternating
+// between two A register buffers; the lookups of group g run while the tensor
+// cores work on group g - 1 (wgmma.wait_group 1 before a buffer is rewritten).
+// A stage goes back to the producer once every wgmma reading it has completed.
+//
+// x tile in shared memory: "core matrices" of 8 tokens x 8 k (8 rows of 16 bytes,
+// contiguous), the no-swizzle K-major layout of wgmma's B operand. Core matrix
+// (token block tb, k chunk j) is at tb * kXBlockBytes + j * 128, so a k-tile's B
+// is two core matrices 128 bytes apart per 8 tokens, 8-token blocks 4 KB apart.
+#pragma once
+
+#include "flute_common.cuh"
+#include "wgmma.cuh"
+
+namespace flute_jax {
+namespace flute {
+
+// Block: the two consumer warpgroups (warps 0-7) and a producer warpgroup (warps
+// 8-11). Registers move from the producers to the consumers (setmaxnreg): the
+// consumers hold up to 64 accumulators, two buffers of A fragments and the codes.
+constexpr int kProducers = 128;
+constexpr int kTileThreads = kConsumers + kProducers;
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 * 40 + 256 * 232 <= 64K
+constexpr int kCoreBytes = 128;                          // one core matrix: 8 rows x 16 bytes
+constexpr int kXBlockBytes = (kUnitK / 8) * kCoreBytes;  // 8 tokens x 256 k
+
+// Dynamic shared memory: the pair table, then the pipeline stages (x tile,
+// codes, scales). 128-row tiles fit two stages, 64-row tiles three.
+template <int kBits, int kMTile>
+struct TileSmem {
+  static constexpr int kStages = kMTile == 128 ? 2 : 3;
+  static constexpr int kXBytes = kMTile / 8 * kXBlockBytes;
+  static constexpr int kCodeBytes = kWarps * 128 * kBits * 4;
+  static constexpr int kScaleBytes = kScaleRows * kColumnN * 2;
+  static constexpr int kStageBytes = kXBytes + kCodeBytes + kScaleBytes;
+  static constexpr int kDynamic = PairTable<kBits>::kReserve + kStages * kStageBytes;
+};
+
+// The producer warpgroup, as the decode kernel's producer warp, with x stored as
+// core matrices. One warp's pass copies 8 tokens x 4 k-chunks: four whole core
+// matrices, so its shared-memory writes are conflict-free and each token row
+// reads 64 contiguous bytes. Rows past M are left as they are (their outputs,
+// which depend on nothing else, are never stored); k past K is zero (the padded
+// codes there are table[0], not zero). `lane` is the thread's index in the group.
+template <int kBits, typename T, int kMTile>
+__device__ __forceinline__ void ProduceTiles(const Params& p, int it_begin, int it_end, int lane, uint32_t stage0,
+                                             uint32_t full0, uint32_t empty0) {
+  using S = TileSmem<kBits, kMTile>;
+  constexpr int kPasses = kUnitK / 8 / (kProducers / 8);  // 16-byte chunks of a token row per thread
+  const T* x = static_cast<const T*>(p.x);
+  const int token_in_block = lane & 7, chunk_in_pass = lane >> 3;
+  int c = it_begin / p.k_units, u = it_begin % p.k_units;
+  int s = 0;
+  uint32_t parity = 0;  // of stage s's current use
+  for (int it = it_begin; it < it_end; ++it) {
+    if (it - it_begin >= S::kStages) ptx::MbarWait(empty0 + 8 * s, parity ^ 1);
+    const uint32_t base = stage0 + s * S::kStageBytes;
+    CopyCodesAndScales<kBits, T, kProducers>(p, c, u, lane, base + S::kXBytes, base + S::kXBytes + S::kCodeBytes);
+    for (int tb = 0; tb < kMTile / 8 && 8 * tb < p.m; ++tb) {
+      const int n = 8 * tb + token_in_block;
+      const T* row = x + static_cast<int64_t>(n) * p.k;
+#pragma unroll
+      for (int pass = 0; pass < kPasses; ++pass) {
+        const int j = (kProducers / 8) * pass + chunk_in_pass, kk = u * kUnitK + 8 * j;
+        if (n < p.m)
+          ptx::CpAsync16(base + tb * kXBlockBytes + j * kCoreBytes + token_in_block * 16, kk < p.k ? row + kk : x,
+                         kk < p.k);
+      }
+    }
+    ptx::MbarArriveOnCopies(full0 + 8 * s);
+    if (++u == p.k_units) { u = 0; ++c; }
+    if (++s == S::kStages) { s = 0; parity ^= 1; }
+  }
+  ptx::CpAsyncWaitAll();  // leave no copy in flight at exit
+}
+
+// v * (s, s) for a packed pair v of T.
+template <typename T>
+__device__ __forceinline__ uint32_t ScalePair(uint32_t v, typename Vec2<T>::type s) {
+  using T2 = typename Vec2<T>::type;
+  T2 pair = *reinterpret_cast<T2*>(&v);
+  pair = __hmul2(pair, s);
+  return *reinterpret_cast<uint32_t*>(&pair);
+}
+
+template <int kBits, typename T, int kMTile>
+__global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using S = TileSmem<kBits, kMTile>;
+  using T2 = typename Vec2<T>::type;
+  constexpr int kStages = S::kStages;
+  constexpr int kChunks = kMTile / 8;  // 8-token column blocks of the accumulator
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ __align__(8) uint64_t full_bar[kStages], empty_bar[kStages];
+  __shared__ int s_is_last;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int it_begin = IterBegin(blockIdx.x, p), it_end = IterBegin(blockIdx.x + 1, p);
+  const uint32_t full0 = ptx::SharedAddress(full_bar), empty0 = ptx::SharedAddress(empty_bar);
+  const uint32_t smem_addr = ptx::SharedAddress(smem);
+  const uint32_t table_addr = (smem_addr + PairTable<kBits>::kAlign - 1) & ~uint32_t(PairTable<kBits>::kAlign - 1);
+  uint32_t* pair_table = reinterpret_cast<uint32_t*>(smem + (table_addr - smem_addr));
+  unsigned char* stages = reinterpret_cast<unsigned char*>(pair_table) + PairTable<kBits>::kBytes;
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      ptx::MbarInit(full0 + 8 * s, kProducers);  // every producer thread's copies
+      ptx::MbarInit(empty0 + 8 * s, kWarps);     // one arrival per consumer warp
+    }
+  }
+  __syncthreads();
+  if (warp >= kWarps) {
+    ptx::SetMaxRegisters<kProducerRegs, false>();
+    ProduceTiles<kBits, T, kMTile>(p, it_begin, it_end, tid - kConsumers, ptx::SharedAddress(stages), full0, empty0);
+    return;
+  }
+  ptx::SetMaxRegisters<kConsumerRegs, true>();
+
+  const uint32_t lane_addr = BuildPairTable<kBits, T>(p.table, pair_table, tid);
+  const int r = lane >> 2;
+
+  float acc[kChunks][4];
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+
+  int c = it_begin / p.k_units, u = it_begin % p.k_units;
+  int s = 0, pending = -1;  // pending: a stage whose wgmmas may still be running
+  uint32_t parity = 0;
+  auto release = [&](int stage) {
+    __syncwarp();
+    if (lane == 0) ptx::MbarArrive(empty0 + 8 * stage);
+  };
+  for (int it = it_begin; it < it_end; ++it) {
+    ptx::MbarWait(full0 + 8 * s, parity);
+    ptx::FenceProxyAsync();  // the producer's cp.async writes, before the tensor cores read them
+    const unsigned char* base = stages + s * S::kStageBytes;
+    uint32_t w[4 * kBits];
+    LoadCodes<kBits>(reinterpret_cast<const uint32_t*>(base + S::kXBytes) + warp * 128 * kBits, lane, w);
+    const T* ss = reinterpret_cast<const T*>(base + S::kXBytes + S::kCodeBytes) + warp * 16 + r;
+    // k-tile t's B: core matrices 2t and 2t + 1 (k stride 128 B) of each 8-token block (stride 4 KB).
+    const uint64_t desc0 = ptx::MatrixDescriptor(ptx::SharedAddress(base), kCoreBytes, kXBlockBytes);
+    uint32_t a[2][4][4];  // two buffers of four k-tiles' A fragments
+#pragma unroll
+    for (int grp = 0; grp < kTiles / 4; ++grp) {
+      // Buffer grp & 1 was read by group grp - 2 (of this unit or the last): wait for it.
+      ptx::WgmmaWait<1>();
+      if (grp == 1 && pending >= 0) {  // the previous unit's wgmmas have all completed
+        release(pending);
+        pending = -1;
+      }
+#pragma unroll
+      for (int tt = 0; tt < 4; ++tt) {
+        const int t = 4 * grp + tt;
+        uint32_t (&frag)[4] = a[grp & 1][tt];
+        LookupTile<kBits>(w, t, lane_addr, frag);
+        const int g = t >> p.group_shift;
+        T2 s_lo, s_hi;  // rows r and r + 8 of the warp's 16 features
+        s_lo.x = s_lo.y = ss[g * kColumnN];
+        s_hi.x = s_hi.y = ss[g * kColumnN + 8];
+        frag[0] = ScalePair<T>(frag[0], s_lo);
+        frag[1] = ScalePair<T>(frag[1], s_hi);
+        frag[2] = ScalePair<T>(frag[2], s_lo);
+        frag[3] = ScalePair<T>(frag[3], s_hi);
+      }
+      ptx::WgmmaFence();
+#pragma unroll
+      for (int tt = 0; tt < 4; ++tt)
+        ptx::Wgmma<kMTile, T>(acc, a[grp & 1][tt], desc0 + ((4 * grp + tt) * 2 * kCoreBytes >> 4));
+      ptx::WgmmaCommit();
+    }
+    pending = s;
+
+    // End of a segment: the column is done, or this block's range ends.
+    if (u == p.k_units - 1 || it + 1 == it_end) {
+      ptx::WgmmaWait<0>();
+#pragma unroll
+      for (int i = 0; i < kChunks; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) ptx::KeepOrder(acc[i][j]);
+      release(pending);
+      pending = -1;
+      FinishColumn<T, kChunks>(p, c, acc, c * kWarps + warp < p.n_blocks, &s_is_last);
+#pragma unroll
+      for (int i = 0; i < kChunks; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+    }
+    if (++u == p.k_units) { u = 0; ++c; }
+    if (++s == kStages) { s = 0; parity ^= 1; }
+  }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+}  // namespace flute
+}  // namespace flute_jax

@@ -1,0 +1,19 @@
+// Host entry points of the wgmma tile kernel (qgemm_wgmma.cuh), for the launcher
+// in qgemm_flute.cu. Only CUDA translation units include this.
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace flute_jax {
+namespace flute {
+struct Params;
+}  // namespace flute
+
+// Blocks of the tile kernel (bits, bf16 or f16, 64 or 128 rows) that fit on a
+// multiprocessor of the current device; 0 when it cannot run.
+int FluteTileBlocksPerSm(int bits, bool bf16, int m_tile);
+
+// Launches the tile kernel on `grid` blocks.
+cudaError_t LaunchFluteTile(cudaStream_t stream, int bits, bool bf16, int m_tile, int grid, const flute::Params& p);
+
+}  // namespace flute_jax

@@ -1,0 +1,96 @@
+"""The wgmma tile kernel (csrc/qgemm_wgmma.cuh) on a Hopper GPU against the float64
+reference (skipped without one): the path of M > dispatch.DECODE_MAX_M on H100/H200.
+
+    pytest -q tests/test_gpu_tile.py
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flute_jax as fj
+from conftest import gpu_available
+from flute_jax import _ffi, dispatch
+from qgemm_checks import check_qgemm, random_weight
+
+
+def _has_wgmma() -> bool:
+    return gpu_available() and _ffi.cuda_has_wgmma()
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _has_wgmma(), reason="needs a GPU with wgmma (sm_90)")]
+
+BITS = (2, 3, 4)
+GROUP_SIZES = (32, 64, 128, 256, -1)
+DTYPES = ("float16", "bfloat16")
+# (K, N): partial 256-k units, partial 128-feature columns, N not a multiple of 16.
+SHAPES = ((1000, 300), (72, 8), (513, 24), (4096, 128), (2304, 1040), (8192, 136))
+# 33..64 rows: the 64-row tile; above: 128-row launches, a last slice of <= 64 rows on the 64-row tile.
+MS = (33, 64, 65, 100, 128, 129, 200, 300)
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    return jax.devices("gpu")[0]
+
+
+@pytest.fixture(autouse=True)
+def _automatic_path(monkeypatch):
+    monkeypatch.delenv("FLUTE_JAX_GPU_PATH", raising=False)
+
+
+def test_plan_takes_the_tile_kernel():
+    for m in (33, 64, 128, 4096):
+        assert dispatch.gpu_path(m, 4096, 4096, 4, wgmma=True) == "wgmma"
+        plan = _ffi.cuda_plan(m, 4096, 4096, 128, 4, jnp.bfloat16, wgmma=True)
+        assert plan["kernel"] == "flute_wgmma" and plan["workspace_bytes"] > 0
+
+
+@pytest.mark.parametrize("bits,group_size,dtype", list(itertools.product(BITS, GROUP_SIZES, DTYPES)))
+def test_tile_kernel_matches_reference(rng, gpu, bits, group_size, dtype):
+    i = BITS.index(bits) * 11 + GROUP_SIZES.index(group_size) * 3 + DTYPES.index(dtype)
+    for j in range(2):
+        k, n = SHAPES[(i + j) % len(SHAPES)]
+        m = MS[(i + 3 * j) % len(MS)]
+        check_qgemm(rng, gpu, k, n, (m,), bits, group_size, dtype, repeats=3)
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", MS)
+def test_every_shape_and_m(rng, gpu, k, n, m):
+    check_qgemm(rng, gpu, k, n, (m,), 4, 128, "bfloat16", table_kind="nf", repeats=2)
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 32])
+def test_forced_tile_kernel_at_small_m(rng, gpu, monkeypatch, m):
+    # A tile mostly past M: the rows past M are never stored.
+    monkeypatch.setenv("FLUTE_JAX_GPU_PATH", "wgmma")
+    jax.clear_caches()
+    check_qgemm(rng, gpu, 1000, 300, (m,), 3, 64, "float16", repeats=2)
+
+
+def test_tile_kernel_nan_propagates(rng, gpu):
+    qw = jax.device_put(random_weight(rng, 512, 200, 4, 128, jnp.bfloat16), gpu)
+    x = np.asarray(rng.standard_normal((70, 512)), np.float32)
+    x[[5, 69], 100] = np.nan
+    x[40, 3] = np.inf
+    y = np.asarray(jax.jit(fj.qgemm)(jax.device_put(jnp.asarray(x, jnp.bfloat16), gpu), qw), np.float32)
+    bad = np.zeros(70, bool)
+    bad[[5, 40, 69]] = True
+    assert np.all(~np.isfinite(y[bad])) and np.all(np.isfinite(y[~bad]))
+
+
+def test_tile_and_decode_kernels_agree(rng, gpu, monkeypatch):
+    # Both kernels compute the same function: within the format's tolerance of each other.
+    qw = jax.device_put(random_weight(rng, 4096, 1024, 4, 128, jnp.bfloat16), gpu)
+    x = jax.device_put(jnp.asarray(rng.standard_normal((96, 4096)), jnp.bfloat16), gpu)
+    outs = {}
+    for path in ("mma", "wgmma"):
+        monkeypatch.setenv("FLUTE_JAX_GPU_PATH", path)
+        jax.clear_caches()
+        outs[path] = np.asarray(jax.jit(fj.qgemm)(x, qw), np.float64)
+    err = np.linalg.norm(outs["mma"] - outs["wgmma"]) / np.linalg.norm(outs["mma"])
+    assert err < 1e-2
