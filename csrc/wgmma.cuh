@@ -1,7 +1,7 @@
 // wgmma (sm_90a): the warpgroup matrix multiply of the prefill kernel
 // (qgemm_wgmma.cuh). D[64 x N] += A[64 x 16] B[16 x N], fp32 accumulate; A from
 // registers (each warp of the warpgroup holds 16 rows, in mma.m16n8k16 A-fragment
-// order), B from shared memory through a matrix descriptor (K-major, no swizzle).
+// order), B from shared memory through a matrix descriptor (K-major, 128-byte swizzle).
 // The accumulator d[i][j] of a lane is mma's C fragment of columns 8i..8i+7.
 //
 // The asm blocks are written out per shape and type (inline asm needs literal
@@ -16,13 +16,14 @@
 namespace flute_jax {
 namespace ptx {
 
-// Shared-memory matrix descriptor, no swizzle: start address, the byte distance
-// between core matrices (8 rows x 16 bytes, stored contiguously) adjacent in K
-// (leading) and in N (stride); all three in 16-byte units.
-__device__ __forceinline__ uint64_t MatrixDescriptor(uint32_t smem_addr, uint32_t k_stride_bytes,
-                                                     uint32_t n_stride_bytes) {
-  return static_cast<uint64_t>((smem_addr & 0x3FFFF) >> 4) |
-         (static_cast<uint64_t>(k_stride_bytes >> 4) << 16) | (static_cast<uint64_t>(n_stride_bytes >> 4) << 32);
+// Shared-memory matrix descriptor of a K-major operand in the 128-byte swizzle
+// layout (atoms of 8 rows x 128 bytes, 1 KB-aligned, chunk c of row r at
+// (c ^ r) * 16): start address and the byte distance between the atoms of
+// consecutive 8-row groups, in 16-byte units; the leading offset is unused
+// (a k16 slice lies within one atom's row); mode 1 = 128-byte swizzle.
+__device__ __forceinline__ uint64_t MatrixDescriptorSwizzle128(uint32_t smem_addr, uint32_t row_group_bytes) {
+  return static_cast<uint64_t>((smem_addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) |
+         (static_cast<uint64_t>(row_group_bytes >> 4) << 32) | (uint64_t{1} << 62);
 }
 
 // Orders this thread's register writes (A fragments, zeroed accumulators) before
