@@ -36,7 +36,7 @@ struct Params {
   const void* scales;     // [G, N]
   const void* table;      // [2**bits]
   void* y;                // [M, N] (this launch's rows)
-  float* partials;        // [2 * grid][m_tile][kColumnN] Stream-K partial sums
+  float* partials;        // [2 * grid][m_tile][column features] Stream-K partial sums
   int* counters;          // [columns] arrivals per split column (zeroed before launch)
   int m, k, n;            // this launch's rows (<= the kernel's m_tile), and the problem's K, N
   int n_blocks, k_units, columns;
@@ -55,9 +55,10 @@ template <> struct Vec2<__nv_bfloat16> { using type = __nv_bfloat162; };
 // lane l always reads bank l. The 2- and 3-bit tables sit at an address aligned to
 // their size, so a lookup address is one LOP3 away from the code bits:
 // (index << 7) | (table + 4 * lane) has no carries.
-template <int kBits>
+template <int kBits, int kTableCopies = kCopies>
 struct PairTable {
-  static constexpr int kBytes = (1 << (2 * kBits)) * kCopies * 4;
+  static constexpr int kShift = kTableCopies == 32 ? 7 : 6;  // log2 of an entry's bytes (all its copies)
+  static constexpr int kBytes = (1 << (2 * kBits)) * kTableCopies * 4;
   static constexpr int kAlign = kBits == 4 ? 16 : kBytes;  // 4-bit: PRMT + LEA, no alignment
   static constexpr int kReserve = kBytes + (kAlign - 16);  // dynamic smem to reserve (base is 16-aligned)
 };
@@ -90,18 +91,19 @@ __device__ __forceinline__ uint32_t PairBits(uint32_t word, int shift, uint32_t 
 // Builds the pair table at `pair_table` from the 2^bits values at `table`, by the
 // block's consumer threads (tid < kConsumers). Returns this lane's address of
 // entry 0, opaque to the compiler: otherwise it splits the sum into its terms
-// and spends a second LOP3 per lookup re-joining them.
-template <int kBits, typename T>
+// and spends a second LOP3 per lookup re-joining them. With 16 copies (the 4-bit
+// table of the tile kernel, to save shared memory) lanes l and l + 16 share one.
+template <int kBits, typename T, int kTableCopies = kCopies>
 __device__ __forceinline__ uint32_t BuildPairTable(const void* table_values, uint32_t* pair_table, int tid) {
   using T2 = typename Vec2<T>::type;
   __shared__ T table[1 << kBits];  // one global read per entry, then shared-memory reads
   if (tid < (1 << kBits)) table[tid] = static_cast<const T*>(table_values)[tid];
   ptx::NamedBarrier(kConsumerBarrier, kConsumers);
   // One pair value per (entry, 16-byte chunk of its 32 copies): a few wide stores per thread.
-  constexpr int kChunks = (1 << (2 * kBits)) * kCopies / 4;
+  constexpr int kChunks = (1 << (2 * kBits)) * kTableCopies / 4;
 #pragma unroll
   for (int i = tid; i < kChunks; i += kConsumers) {
-    const int e = i / (kCopies / 4);
+    const int e = i / (kTableCopies / 4);
     int even, odd;
     if constexpr (kBits == 3) {  // 2-bit plane pair in bits 0..3, 1-bit plane pair in bits 4..5
       even = (e & 3) | (((e >> 4) & 1) << 2);
@@ -117,22 +119,23 @@ __device__ __forceinline__ uint32_t BuildPairTable(const void* table_values, uin
     reinterpret_cast<uint4*>(pair_table)[i] = make_uint4(word, word, word, word);
   }
   ptx::NamedBarrier(kConsumerBarrier, kConsumers);
-  uint32_t lane_addr = ptx::SharedAddress(pair_table) + 4 * (tid & 31);
+  uint32_t lane_addr = ptx::SharedAddress(pair_table) + 4 * (tid & (kTableCopies - 1));
   asm volatile("" : "+r"(lane_addr));
   return lane_addr;
 }
 
 // The A fragment (16 features x 16 k, mma/wgmma register order) of k-tile t of a
 // lane's unit, whose code words (plane by plane) are w: four pair lookups.
-template <int kBits>
+template <int kBits, int kTableCopies = kCopies>
 __device__ __forceinline__ void LookupTile(const uint32_t (&w)[4 * kBits], int t, uint32_t lane_addr,
                                            uint32_t (&a)[4]) {
+  static_assert(kBits == 4 || kTableCopies == 32, "the 2- and 3-bit lookups assume 32 copies");
 #pragma unroll
   for (int pr = 0; pr < 4; ++pr) {
     uint32_t addr;
     if constexpr (kBits == 4) {
-      // Byte pr of the word is the pair index: PRMT, then one LEA (index * 128 + lane copy).
-      addr = (__byte_perm(w[t], 0, 0x4440 + pr) << 7) + lane_addr;
+      // Byte pr of the word is the pair index: PRMT, then one LEA (index * entry bytes + lane copy).
+      addr = (__byte_perm(w[t], 0, 0x4440 + pr) << PairTable<4, kTableCopies>::kShift) + lane_addr;
     } else if constexpr (kBits == 2) {
       addr = PairBits<4>(w[t >> 1], 16 * (t & 1) + 4 * pr, lane_addr);
     } else {  // low 4 bits of the pair index from the 2-bit plane, high 2 from the 1-bit plane
@@ -153,20 +156,20 @@ __device__ __forceinline__ void LoadCodes(const uint32_t* unit, int lane, uint32
   }
 }
 
-// Producer: the codes of column c's (up to) 8 units at k-block u, and the unit's
-// scale rows, into a stage; copied by kLanes producer threads (lane < kLanes).
+// Producer: the codes of column c's (up to) kColumn / 16 units at k-block u, and
+// the unit's scale rows, into a stage; copied by kLanes producer threads.
 // Units past N (last column) are skipped. Scale rows past the unit's last group
 // and past N are zero, not left stale: a group past K still meets its tiles'
 // sums (zero, from the zero x) in an FMA, and stale bytes could be Inf or NaN
 // (compute-sanitizer found this).
-template <int kBits, typename T, int kLanes = 32>
+template <int kBits, typename T, int kLanes = 32, int kColumn = kColumnN>
 __device__ __forceinline__ void CopyCodesAndScales(const Params& p, int c, int u, int lane, uint32_t codes_dst,
                                                    uint32_t scales_dst) {
-  constexpr int kUnitWords = 128 * kBits, kUnitChunks = kUnitWords / 4;
-  const uint32_t* src = p.codes + (static_cast<int64_t>(u) * p.n_blocks + c * kWarps) * kUnitWords;
-  const int valid = min(kWarps, p.n_blocks - c * kWarps) * kUnitChunks;
+  constexpr int kUnitWords = 128 * kBits, kUnitChunks = kUnitWords / 4, kUnits = kColumn / 16;
+  const uint32_t* src = p.codes + (static_cast<int64_t>(u) * p.n_blocks + c * kUnits) * kUnitWords;
+  const int valid = min(kUnits, p.n_blocks - c * kUnits) * kUnitChunks;
 #pragma unroll
-  for (int i = 0; i < kWarps * kUnitChunks / kLanes; ++i) {
+  for (int i = 0; i < kUnits * kUnitChunks / kLanes; ++i) {
     const int chunk = lane + kLanes * i;
     ptx::CpAsync16If(codes_dst + 16 * chunk, src + 4 * chunk, chunk < valid);
   }
@@ -174,60 +177,70 @@ __device__ __forceinline__ void CopyCodesAndScales(const Params& p, int c, int u
   const int g_lo = (u * kTiles) >> p.group_shift;
   const int g_hi = min(p.groups - 1, (u * kTiles + kTiles - 1) >> p.group_shift);
 #pragma unroll
-  for (int i = 0; i < kScaleRows * (kColumnN / 8) / kLanes; ++i) {
-    const int idx = lane + kLanes * i, row = idx / (kColumnN / 8), chunk = idx % (kColumnN / 8);
-    const int g = g_lo + row, nn = c * kColumnN + 8 * chunk;
+  for (int i = 0; i < kScaleRows * (kColumn / 8) / kLanes; ++i) {
+    const int idx = lane + kLanes * i, row = idx / (kColumn / 8), chunk = idx % (kColumn / 8);
+    const int g = g_lo + row, nn = c * kColumn + 8 * chunk;
     const bool ok = g <= g_hi && nn < p.n;
-    ptx::CpAsync16(scales_dst + row * kColumnN * 2 + 16 * chunk, ok ? scales + static_cast<int64_t>(g) * p.n + nn : scales,
+    ptx::CpAsync16(scales_dst + row * kColumn * 2 + 16 * chunk, ok ? scales + static_cast<int64_t>(g) * p.n + nn : scales,
                    ok);
   }
 }
 
-// End of a segment of column c: acc holds this block's part of the column's
-// outputs for this lane, in mma accumulator order per 8-token chunk i:
-// acc[i][j] = y[8 i + 2 q + (j & 1), warp's feature r + 8 (j >> 1)], r = lane / 4,
-// q = lane % 4. A column the block ran whole is stored; a split column's part goes
-// to the workspace, and the block that finishes last sums all parts in block
-// order (bitwise deterministic) and stores the result. Called by all consumer
-// threads (it has named barriers).
-template <typename T, int kChunks>
-__device__ __forceinline__ void FinishColumn(const Params& p, int c, const float (&acc)[kChunks][4], bool warp_active,
+// End of a segment of column c: acc[h] holds this block's part of the column's
+// outputs for this lane, for the warp's N-block h * 8 + warp of the column (each
+// warp owns kNB N-blocks, 128 features apart), in mma accumulator order per
+// 8-token chunk i: acc[h][i][j] = y[8 i + 2 q + (j & 1), feature r + 8 (j >> 1)
+// of the N-block], r = lane / 4, q = lane % 4. A column the block ran whole is
+// stored; a split column's part goes to the workspace, and the block that
+// finishes last sums all parts in block order (bitwise deterministic) and stores
+// the result. Called by all consumer threads (it has named barriers).
+template <typename T, int kChunks, int kNB>
+__device__ __forceinline__ void FinishColumn(const Params& p, int c, const float (&acc)[kNB][kChunks][4],
                                              int* s_is_last) {
-  constexpr int kMTile = 8 * kChunks;
+  constexpr int kMTile = 8 * kChunks, kColumn = kColumnN * kNB;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, r = lane >> 2, q = lane & 3;
   const int first_block = BlockOf(c * p.k_units, p);
   const int last_block = BlockOf((c + 1) * p.k_units - 1, p);
-  const int n0 = c * kColumnN + warp * 16 + r;
   T* y = static_cast<T*>(p.y);
-  auto store = [&](int i, int j, float v) {
-    const int m = i * 8 + 2 * q + (j & 1), nn = n0 + 8 * (j >> 1);
+  auto active = [&](int h) { return c * (kColumn / 16) + h * kWarps + warp < p.n_blocks; };
+  auto store = [&](int h, int i, int j, float v) {
+    const int m = i * 8 + 2 * q + (j & 1), nn = c * kColumn + h * kColumnN + warp * 16 + r + 8 * (j >> 1);
     if (m < p.m && nn < p.n) y[static_cast<int64_t>(m) * p.n + nn] = FromF32<T>(v);
   };
-  auto slot_index = [&](int i, int j) { return (i * 8 + 2 * q + (j & 1)) * kColumnN + warp * 16 + r + 8 * (j >> 1); };
+  auto slot_index = [&](int h, int i, int j) {
+    return (i * 8 + 2 * q + (j & 1)) * kColumn + h * kColumnN + warp * 16 + r + 8 * (j >> 1);
+  };
   if (first_block == last_block) {  // the whole column was ours
-    if (warp_active)
+#pragma unroll
+    for (int h = 0; h < kNB; ++h)
+      if (active(h))
+#pragma unroll
+        for (int i = 0; i < kChunks; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) store(h, i, j, acc[h][i][j]);
+    return;
+  }
+  float* mine = p.partials + static_cast<int64_t>(SlotOf(blockIdx.x, c, p)) * kMTile * kColumn;
+#pragma unroll
+  for (int h = 0; h < kNB; ++h)
+    if (active(h))
 #pragma unroll
       for (int i = 0; i < kChunks; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) store(i, j, acc[i][j]);
-    return;
-  }
-  float* mine = p.partials + static_cast<int64_t>(SlotOf(blockIdx.x, c, p)) * kMTile * kColumnN;
-  if (warp_active)
-#pragma unroll
-    for (int i = 0; i < kChunks; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) __stcg(mine + slot_index(i, j), acc[i][j]);
+        for (int j = 0; j < 4; ++j) __stcg(mine + slot_index(h, i, j), acc[h][i][j]);
   // Publish the part: the barrier orders every consumer's stores before thread
   // 0's release (the pattern of CUTLASS's split-K semaphore); the last arriver's
   // acquire, then the barrier, order the reads of all parts.
   ptx::NamedBarrier(kConsumerBarrier, kConsumers);
   if (tid == 0) *s_is_last = ptx::AtomicAddAcqRel(&p.counters[c], 1) == last_block - first_block;
   ptx::NamedBarrier(kConsumerBarrier, kConsumers);
-  if (*s_is_last && warp_active) {
-    // Every part has landed: sum them in block order (deterministic), up to four
-    // 8-token chunks at a time (few registers live, 16 loads in flight).
-    constexpr int kGroup = kChunks < 4 ? kChunks : 4;
+  if (!*s_is_last) return;
+  // Every part has landed: sum them in block order (deterministic), up to four
+  // 8-token chunks at a time (few registers live, 16 loads in flight).
+  constexpr int kGroup = kChunks < 4 ? kChunks : 4;
+#pragma unroll
+  for (int h = 0; h < kNB; ++h) {
+    if (!active(h)) continue;
 #pragma unroll
     for (int i0 = 0; i0 < kChunks; i0 += kGroup) {
       float sum[kGroup][4];
@@ -237,16 +250,16 @@ __device__ __forceinline__ void FinishColumn(const Params& p, int c, const float
         for (int j = 0; j < 4; ++j) sum[i][j] = 0.f;
 #pragma unroll 4
       for (int b = first_block; b <= last_block; ++b) {
-        const float* part = p.partials + static_cast<int64_t>(SlotOf(b, c, p)) * kMTile * kColumnN;
+        const float* part = p.partials + static_cast<int64_t>(SlotOf(b, c, p)) * kMTile * kColumn;
 #pragma unroll
         for (int i = 0; i < kGroup; ++i)
 #pragma unroll
-          for (int j = 0; j < 4; ++j) sum[i][j] += __ldcg(part + slot_index(i0 + i, j));
+          for (int j = 0; j < 4; ++j) sum[i][j] += __ldcg(part + slot_index(h, i0 + i, j));
       }
 #pragma unroll
       for (int i = 0; i < kGroup; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) store(i0 + i, j, sum[i][j]);
+        for (int j = 0; j < 4; ++j) store(h, i0 + i, j, sum[i][j]);
     }
   }
 }

@@ -14,13 +14,14 @@ struct FlutePlan {
   bool wgmma = false;         // the wgmma tile kernel (sm_90a), else the mma.sync decode kernel
   int m_blocks = 0;           // decode kernel: 8-row mma blocks per launch, 1, 2 or 4
   int rows_per_launch = 0;    // M is covered in slices of this many rows: 8 * m_blocks, or 64 / 128
-  int columns = 0;            // Stream-K columns of kFluteColumnN (128) output features
+  int column_n = 0;           // output features per Stream-K column: 128 (decode), 256 (tile)
+  int columns = 0;            // Stream-K columns of column_n output features
   int k_units = 0;            // 256-k iterations per column
   int grid = 0;               // persistent blocks
   int64_t workspace_bytes = 0;
 };
 
-constexpr int kFluteColumnN = 128, kFluteUnitK = 256;
+constexpr int kFluteColumnN = 128, kFluteTileColumnN = 256, kFluteUnitK = 256;
 
 // Whether the FLUTE kernel takes a call: f16/bf16, K and N multiples of 8
 // (16-byte rows), one group or a power-of-two group size from 32 to 256.
@@ -33,9 +34,9 @@ inline bool FluteApplies(int64_t m, int64_t k, int64_t n, int64_t group_rows, bo
          iterations < (int64_t{1} << 31) && m < (int64_t{1} << 31);
 }
 
-// The Stream-K workspace: two fp32 partial-sum slots of [rows_per_launch, 128] per
-// block, then one int counter per column.
-inline int64_t FluteSlotBytes(const FlutePlan& plan) { return int64_t{plan.rows_per_launch} * kFluteColumnN * 4; }
+// The Stream-K workspace: two fp32 partial-sum slots of [rows_per_launch, column_n]
+// per block, then one int counter per column.
+inline int64_t FluteSlotBytes(const FlutePlan& plan) { return int64_t{plan.rows_per_launch} * plan.column_n * 4; }
 inline int64_t FluteCounterOffset(const FlutePlan& plan) { return 2 * int64_t{plan.grid} * FluteSlotBytes(plan); }
 
 inline int FluteMBlocks(int64_t m) { return m <= 8 ? 1 : m <= 16 ? 2 : 4; }
@@ -53,7 +54,8 @@ inline FlutePlan PlanFlute(int64_t m, int64_t k, int64_t n, int64_t group_rows, 
   plan.wgmma = wgmma;
   plan.m_blocks = wgmma ? 0 : FluteMBlocks(m);
   plan.rows_per_launch = wgmma ? FluteTileRows(m) : 8 * plan.m_blocks;
-  plan.columns = static_cast<int>((n + kFluteColumnN - 1) / kFluteColumnN);
+  plan.column_n = wgmma ? kFluteTileColumnN : kFluteColumnN;
+  plan.columns = static_cast<int>((n + plan.column_n - 1) / plan.column_n);
   plan.k_units = static_cast<int>((k + kFluteUnitK - 1) / kFluteUnitK);
   const int64_t iters = static_cast<int64_t>(plan.columns) * plan.k_units;
   plan.grid = static_cast<int>(std::min<int64_t>(iters, int64_t{sm_count} * blocks_per_sm));

@@ -1,23 +1,27 @@
 // The FLUTE qgemm kernel for batches and prefill (64 or 128 rows of x per launch),
 // on Hopper's warpgroup tensor-core instruction (wgmma, sm_90a).
 //
-// Same block, packed layout, pair table, pipeline and Stream-K partition as the
-// decode kernel (qgemm_flute.cuh); what changes is the matrix multiply. Each of
-// the two consumer warpgroups computes 64 output features x kMTile tokens with
-// wgmma.m64n{kMTile}k16: A = the table values of W^T straight from the lookups,
-// in registers (a warp's A fragments are exactly the decode kernel's: each warp of
-// the warpgroup holds its own 16 features), B = x^T from shared memory, read by
-// the tensor cores themselves. The decode kernel re-reads the weight for every 32
-// rows and spends a ldmatrix per 8 rows; here one pass over the weight serves 128
-// rows, and x costs no instructions at all.
+// Same packed layout, pair table, pipeline and Stream-K partition as the decode
+// kernel (qgemm_flute.cuh); what changes is the matrix multiply and the column:
+// 256 features, each consumer warp owning two N-blocks 128 features apart. Each
+// of the two consumer warpgroups computes 2 x 64 output features x kMTile tokens
+// with wgmma.m64n{kMTile}k16: A = the table values of W^T straight from the
+// lookups, in registers (a warp's A fragments are exactly the decode kernel's:
+// each warp of the warpgroup holds its own 16 features), B = x^T from shared
+// memory, read by the tensor cores themselves. The decode kernel re-reads the
+// weight for every 32 rows and spends a ldmatrix per 8 rows; here one pass over
+// the weight serves 128 rows, and x costs no instructions at all. The 256-wide
+// column halves the x bytes per multiply-add of a 128-wide one: x is most of
+// what a stage brings, and with 128-wide columns the consumers waited for it.
 //
 // Scales multiply the looked-up values (one HMUL2 per A register) instead of the
 // accumulators: wgmma accumulates asynchronously, and a per-group accumulator
 // would have to be waited for and flushed at every group.
 //
-// Overlap: a unit's 16 k-tiles go in four groups of four wgmmas, alternating
-// between two A register buffers; the lookups of group g run while the tensor
-// cores work on group g - 1 (wgmma.wait_group 1 before a buffer is rewritten).
+// Overlap: a unit's 16 k-tiles go in eight groups of two (four wgmmas),
+// alternating between two A register buffers; the lookups of group g run while
+// the tensor cores work on group g - 1 (wgmma.wait_group 1 before a buffer is
+// rewritten).
 // A stage goes back to the producer once every wgmma reading it has completed.
 //
 // x tile in shared memory: wgmma's B operand in the K-major, 128-byte-swizzled
@@ -41,20 +45,26 @@ namespace flute {
 constexpr int kProducers = 128;
 constexpr int kTileThreads = kConsumers + kProducers;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 * 40 + 256 * 232 <= 64K
+constexpr int kNB = 2;                        // N-blocks per consumer warp: warp w owns w and w + 8
+constexpr int kTileColumn = kNB * kColumnN;   // features per Stream-K column
 constexpr int kAtomBytes = 1024;  // 8 tokens x 64 k: one swizzle atom
 constexpr int kAtomK = 64;
 
 // Dynamic shared memory: the pair table, then (1 KB-aligned) the pipeline
 // stages: x tile, codes, scales. 128-row tiles fit two stages, 64-row tiles three.
+// The 4-bit pair table keeps 16 copies (16 KB; lanes l and l + 16 share one) to
+// make room for the stages; the 2- and 3-bit tables are small and keep 32.
 template <int kBits, int kMTile>
 struct TileSmem {
+  static constexpr int kCopies = kBits == 4 ? 16 : 32;
+  using Table = PairTable<kBits, kCopies>;
   static constexpr int kStages = kMTile == 128 ? 2 : 3;
   static constexpr int kQuarterBytes = kMTile / 8 * kAtomBytes;  // the x tile's atoms of one 64-k quarter
   static constexpr int kXBytes = (kUnitK / kAtomK) * kQuarterBytes;
-  static constexpr int kCodeBytes = kWarps * 128 * kBits * 4;
-  static constexpr int kScaleBytes = kScaleRows * kColumnN * 2;
+  static constexpr int kCodeBytes = kNB * kWarps * 128 * kBits * 4;
+  static constexpr int kScaleBytes = kScaleRows * kTileColumn * 2;
   static constexpr int kStageBytes = kXBytes + kCodeBytes + kScaleBytes;
-  static constexpr int kDynamic = PairTable<kBits>::kReserve + (kAtomBytes - 16) + kStages * kStageBytes;
+  static constexpr int kDynamic = Table::kReserve + (kAtomBytes - 16) + kStages * kStageBytes;
 };
 
 // The producer warpgroup, as the decode kernel's producer warp, with x stored in
@@ -76,7 +86,8 @@ __device__ __forceinline__ void ProduceTiles(const Params& p, int it_begin, int 
   for (int it = it_begin; it < it_end; ++it) {
     if (it - it_begin >= S::kStages) ptx::MbarWait(empty0 + 8 * s, parity ^ 1);
     const uint32_t base = stage0 + s * S::kStageBytes;
-    CopyCodesAndScales<kBits, T, kProducers>(p, c, u, lane, base + S::kXBytes, base + S::kXBytes + S::kCodeBytes);
+    CopyCodesAndScales<kBits, T, kProducers, kTileColumn>(p, c, u, lane, base + S::kXBytes,
+                                                          base + S::kXBytes + S::kCodeBytes);
     for (int tb = 0; tb < kMTile / 8 && 8 * tb < p.m; ++tb) {
       const int n = 8 * tb + token_in_block;
       const T* row = x + static_cast<int64_t>(n) * p.k;
@@ -120,9 +131,9 @@ __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params 
   const int it_begin = IterBegin(blockIdx.x, p), it_end = IterBegin(blockIdx.x + 1, p);
   const uint32_t full0 = ptx::SharedAddress(full_bar), empty0 = ptx::SharedAddress(empty_bar);
   const uint32_t smem_addr = ptx::SharedAddress(smem);
-  const uint32_t table_addr = (smem_addr + PairTable<kBits>::kAlign - 1) & ~uint32_t(PairTable<kBits>::kAlign - 1);
+  const uint32_t table_addr = (smem_addr + S::Table::kAlign - 1) & ~uint32_t(S::Table::kAlign - 1);
   uint32_t* pair_table = reinterpret_cast<uint32_t*>(smem + (table_addr - smem_addr));
-  const uint32_t table_end = table_addr + PairTable<kBits>::kBytes;
+  const uint32_t table_end = table_addr + S::Table::kBytes;
   unsigned char* stages = smem + (((table_end + kAtomBytes - 1) & ~uint32_t(kAtomBytes - 1)) - smem_addr);
   if (tid == 0) {
 #pragma unroll
@@ -139,14 +150,16 @@ __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params 
   }
   ptx::SetMaxRegisters<kConsumerRegs, true>();
 
-  const uint32_t lane_addr = BuildPairTable<kBits, T>(p.table, pair_table, tid);
+  const uint32_t lane_addr = BuildPairTable<kBits, T, S::kCopies>(p.table, pair_table, tid);
   const int r = lane >> 2;
 
-  float acc[kChunks][4];
+  float acc[kNB][kChunks][4];
 #pragma unroll
-  for (int i = 0; i < kChunks; ++i)
+  for (int h = 0; h < kNB; ++h)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+    for (int i = 0; i < kChunks; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[h][i][j] = 0.f;
 
   int c = it_begin / p.k_units, u = it_begin % p.k_units;
   int s = 0, pending = -1;  // pending: a stage whose wgmmas may still be running
@@ -159,14 +172,17 @@ __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params 
     ptx::MbarWait(full0 + 8 * s, parity);
     ptx::FenceProxyAsync();  // the producer's cp.async writes, before the tensor cores read them
     const unsigned char* base = stages + s * S::kStageBytes;
-    uint32_t w[4 * kBits];
-    LoadCodes<kBits>(reinterpret_cast<const uint32_t*>(base + S::kXBytes) + warp * 128 * kBits, lane, w);
+    uint32_t w[kNB][4 * kBits];
+#pragma unroll
+    for (int h = 0; h < kNB; ++h)
+      LoadCodes<kBits>(reinterpret_cast<const uint32_t*>(base + S::kXBytes) + (h * kWarps + warp) * 128 * kBits,
+                       lane, w[h]);
     const T* ss = reinterpret_cast<const T*>(base + S::kXBytes + S::kCodeBytes) + warp * 16 + r;
     // k-tile t's B: 32 bytes at (t % 4) * 32 into the rows of quarter t / 4's atoms.
     const uint64_t desc0 = ptx::MatrixDescriptorSwizzle128(ptx::SharedAddress(base), kAtomBytes);
-    uint32_t a[2][4][4];  // two buffers of four k-tiles' A fragments
+    uint32_t a[2][2][kNB][4];  // two buffers of two k-tiles' A fragments per N-block
 #pragma unroll
-    for (int grp = 0; grp < kTiles / 4; ++grp) {
+    for (int grp = 0; grp < kTiles / 2; ++grp) {
       // Buffer grp & 1 was read by group grp - 2 (of this unit or the last): wait for it.
       ptx::WgmmaWait<1>();
       if (grp == 1 && pending >= 0) {  // the previous unit's wgmmas have all completed
@@ -174,23 +190,29 @@ __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params 
         pending = -1;
       }
 #pragma unroll
-      for (int tt = 0; tt < 4; ++tt) {
-        const int t = 4 * grp + tt;
-        uint32_t (&frag)[4] = a[grp & 1][tt];
-        LookupTile<kBits>(w, t, lane_addr, frag);
-        const int g = t >> p.group_shift;
-        T2 s_lo, s_hi;  // rows r and r + 8 of the warp's 16 features
-        s_lo.x = s_lo.y = ss[g * kColumnN];
-        s_hi.x = s_hi.y = ss[g * kColumnN + 8];
-        frag[0] = ScalePair<T>(frag[0], s_lo);
-        frag[1] = ScalePair<T>(frag[1], s_hi);
-        frag[2] = ScalePair<T>(frag[2], s_lo);
-        frag[3] = ScalePair<T>(frag[3], s_hi);
+      for (int tt = 0; tt < 2; ++tt) {
+        const int t = 2 * grp + tt, g = t >> p.group_shift;
+#pragma unroll
+        for (int h = 0; h < kNB; ++h) {
+          uint32_t (&frag)[4] = a[grp & 1][tt][h];
+          LookupTile<kBits, S::kCopies>(w[h], t, lane_addr, frag);
+          T2 s_lo, s_hi;  // rows r and r + 8 of the N-block's 16 features
+          s_lo.x = s_lo.y = ss[g * kTileColumn + h * kColumnN];
+          s_hi.x = s_hi.y = ss[g * kTileColumn + h * kColumnN + 8];
+          frag[0] = ScalePair<T>(frag[0], s_lo);
+          frag[1] = ScalePair<T>(frag[1], s_hi);
+          frag[2] = ScalePair<T>(frag[2], s_lo);
+          frag[3] = ScalePair<T>(frag[3], s_hi);
+        }
       }
       ptx::WgmmaFence();
 #pragma unroll
-      for (int tt = 0; tt < 4; ++tt)
-        ptx::Wgmma<kMTile, T>(acc, a[grp & 1][tt], desc0 + ((grp * S::kQuarterBytes + tt * 32) >> 4));
+      for (int tt = 0; tt < 2; ++tt) {
+        const int t = 2 * grp + tt;
+#pragma unroll
+        for (int h = 0; h < kNB; ++h)
+          ptx::Wgmma<kMTile, T>(acc[h], a[grp & 1][tt][h], desc0 + (((t / 4) * S::kQuarterBytes + (t % 4) * 32) >> 4));
+      }
       ptx::WgmmaCommit();
     }
     pending = s;
@@ -199,16 +221,20 @@ __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params 
     if (u == p.k_units - 1 || it + 1 == it_end) {
       ptx::WgmmaWait<0>();
 #pragma unroll
-      for (int i = 0; i < kChunks; ++i)
+      for (int h = 0; h < kNB; ++h)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) ptx::KeepOrder(acc[i][j]);
+        for (int i = 0; i < kChunks; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) ptx::KeepOrder(acc[h][i][j]);
       release(pending);
       pending = -1;
-      FinishColumn<T, kChunks>(p, c, acc, c * kWarps + warp < p.n_blocks, &s_is_last);
+      FinishColumn<T, kChunks, kNB>(p, c, acc, &s_is_last);
 #pragma unroll
-      for (int i = 0; i < kChunks; ++i)
+      for (int h = 0; h < kNB; ++h)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+        for (int i = 0; i < kChunks; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[h][i][j] = 0.f;
     }
     if (++u == p.k_units) { u = 0; ++c; }
     if (++s == kStages) { s = 0; parity ^= 1; }
