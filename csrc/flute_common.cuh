@@ -38,8 +38,9 @@ struct Params {
   void* y;                // [M, N] (this launch's rows)
   float* partials;        // [2 * grid][m_tile][column features] Stream-K partial sums
   int* counters;          // [columns] arrivals per split column (zeroed before launch)
-  int m, k, n;            // this launch's rows (<= the kernel's m_tile), and the problem's K, N
-  int n_blocks, k_units, columns;
+  int m, k, n;            // rows (decode kernel: this launch's, <= its m_tile; tile kernel: all), K, N
+  int n_blocks, k_units, columns;  // columns: of output features
+  int row_tiles;          // tile kernel: m_tile-row tiles of x; Stream-K column cc = tile * columns + c
   int groups;
   int group_shift;        // log2(group_rows / 16); 30 when there is a single group
   // Stream-K partition of columns * k_units (< 2^31) iterations: block b runs
@@ -186,7 +187,8 @@ __device__ __forceinline__ void CopyCodesAndScales(const Params& p, int c, int u
   }
 }
 
-// End of a segment of column c: acc[h] holds this block's part of the column's
+// End of a segment of Stream-K column cc, which covers feature column c of the
+// rows' outputs at y (`rows` of them, row stride N): acc[h] holds this block's part of the column's
 // outputs for this lane, for the warp's N-block h * 8 + warp of the column (each
 // warp owns kNB N-blocks, 128 features apart), in mma accumulator order per
 // 8-token chunk i: acc[h][i][j] = y[8 i + 2 q + (j & 1), feature r + 8 (j >> 1)
@@ -195,17 +197,16 @@ __device__ __forceinline__ void CopyCodesAndScales(const Params& p, int c, int u
 // finishes last sums all parts in block order (bitwise deterministic) and stores
 // the result. Called by all consumer threads (it has named barriers).
 template <typename T, int kChunks, int kNB>
-__device__ __forceinline__ void FinishColumn(const Params& p, int c, const float (&acc)[kNB][kChunks][4],
-                                             int* s_is_last) {
+__device__ __forceinline__ void FinishColumn(const Params& p, int cc, int c, T* y, int rows,
+                                             const float (&acc)[kNB][kChunks][4], int* s_is_last) {
   constexpr int kMTile = 8 * kChunks, kColumn = kColumnN * kNB;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, r = lane >> 2, q = lane & 3;
-  const int first_block = BlockOf(c * p.k_units, p);
-  const int last_block = BlockOf((c + 1) * p.k_units - 1, p);
-  T* y = static_cast<T*>(p.y);
+  const int first_block = BlockOf(cc * p.k_units, p);
+  const int last_block = BlockOf((cc + 1) * p.k_units - 1, p);
   auto active = [&](int h) { return c * (kColumn / 16) + h * kWarps + warp < p.n_blocks; };
   auto store = [&](int h, int i, int j, float v) {
     const int m = i * 8 + 2 * q + (j & 1), nn = c * kColumn + h * kColumnN + warp * 16 + r + 8 * (j >> 1);
-    if (m < p.m && nn < p.n) y[static_cast<int64_t>(m) * p.n + nn] = FromF32<T>(v);
+    if (m < rows && nn < p.n) y[static_cast<int64_t>(m) * p.n + nn] = FromF32<T>(v);
   };
   auto slot_index = [&](int h, int i, int j) {
     return (i * 8 + 2 * q + (j & 1)) * kColumn + h * kColumnN + warp * 16 + r + 8 * (j >> 1);
@@ -220,7 +221,7 @@ __device__ __forceinline__ void FinishColumn(const Params& p, int c, const float
           for (int j = 0; j < 4; ++j) store(h, i, j, acc[h][i][j]);
     return;
   }
-  float* mine = p.partials + static_cast<int64_t>(SlotOf(blockIdx.x, c, p)) * kMTile * kColumn;
+  float* mine = p.partials + static_cast<int64_t>(SlotOf(blockIdx.x, cc, p)) * kMTile * kColumn;
 #pragma unroll
   for (int h = 0; h < kNB; ++h)
     if (active(h))
@@ -232,7 +233,7 @@ __device__ __forceinline__ void FinishColumn(const Params& p, int c, const float
   // 0's release (the pattern of CUTLASS's split-K semaphore); the last arriver's
   // acquire, then the barrier, order the reads of all parts.
   ptx::NamedBarrier(kConsumerBarrier, kConsumers);
-  if (tid == 0) *s_is_last = ptx::AtomicAddAcqRel(&p.counters[c], 1) == last_block - first_block;
+  if (tid == 0) *s_is_last = ptx::AtomicAddAcqRel(&p.counters[cc], 1) == last_block - first_block;
   ptx::NamedBarrier(kConsumerBarrier, kConsumers);
   if (!*s_is_last) return;
   // Every part has landed: sum them in block order (deterministic), up to four
@@ -250,7 +251,7 @@ __device__ __forceinline__ void FinishColumn(const Params& p, int c, const float
         for (int j = 0; j < 4; ++j) sum[i][j] = 0.f;
 #pragma unroll 4
       for (int b = first_block; b <= last_block; ++b) {
-        const float* part = p.partials + static_cast<int64_t>(SlotOf(b, c, p)) * kMTile * kColumn;
+        const float* part = p.partials + static_cast<int64_t>(SlotOf(b, cc, p)) * kMTile * kColumn;
 #pragma unroll
         for (int i = 0; i < kGroup; ++i)
 #pragma unroll

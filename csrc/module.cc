@@ -44,6 +44,7 @@ NB_MODULE(_flute_ffi, m) {
     nb::dict out;
     out["kernel"] = !plan.fast ? "simple" : plan.wgmma ? "flute_wgmma" : "flute";
     out["grid"] = plan.grid;
+    out["column_n"] = plan.column_n;
     out["workspace_bytes"] = plan.workspace_bytes;
     return out;
   });

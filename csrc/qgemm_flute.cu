@@ -100,9 +100,17 @@ FlutePlan MakeFlutePlan(int64_t m, int64_t k, int64_t n, int64_t group_rows, int
   const int sm_count = CudaSmCount();
   if (sm_count <= 0) return FlutePlan{};
   const bool wgmma = want_wgmma && DeviceHasWgmma();
-  const int blocks = wgmma ? FluteTileBlocksPerSm(bits, bf16, FluteTileRows(m))
-                           : BlocksPerSm(bits, bf16, FluteMBlocks(m), FlushTiles(group_rows, groups));
-  return PlanFlute(m, k, n, group_rows, is_half_type, sm_count, blocks, wgmma);
+  if (!wgmma) {
+    const int blocks = BlocksPerSm(bits, bf16, FluteMBlocks(m), FlushTiles(group_rows, groups));
+    return PlanFlute(m, k, n, group_rows, is_half_type, sm_count, blocks);
+  }
+  // The tile kernels run one block per multiprocessor (shared memory); the
+  // column width depends on the grid, the grid on the instance's occupancy.
+  const int narrow_blocks = FluteTileBlocksPerSm(bits, bf16, FluteTileRows(m), kFluteColumnN);
+  const int column_n = FluteTileColumnN(m, k, n, int64_t{sm_count} * narrow_blocks);
+  const int blocks = column_n == kFluteColumnN ? narrow_blocks
+                                               : FluteTileBlocksPerSm(bits, bf16, FluteTileRows(m), column_n);
+  return PlanFlute(m, k, n, group_rows, is_half_type, sm_count, blocks, true, column_n);
 }
 
 cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, const uint32_t* codes,
@@ -123,10 +131,19 @@ cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, cons
   int shift = 0;
   while ((int64_t{16} << shift) < d.group_rows) ++shift;
   p.group_shift = d.groups == 1 ? 30 : shift;  // group_rows = 16 << shift (a power of two)
-  const int iterations = plan.columns * plan.k_units;  // < 2^31 (FluteApplies)
-  p.iters_per_block = iterations / plan.grid;          // >= 1: grid <= iterations
+  p.row_tiles = plan.row_tiles;
+  const int iterations = plan.row_tiles * plan.columns * plan.k_units;  // < 2^31 (PlanFlute)
+  p.iters_per_block = iterations / plan.grid;                            // >= 1: grid <= iterations
   p.extra_iters = iterations % plan.grid;
-  const int64_t counter_bytes = int64_t{plan.columns} * 4;
+  const int64_t counter_bytes = int64_t{plan.row_tiles} * plan.columns * 4;
+  if (plan.wgmma) {  // one launch for all of M
+    p.m = static_cast<int>(d.m);
+    p.x = x;
+    p.y = y;
+    cudaError_t status = cudaMemsetAsync(p.counters, 0, counter_bytes, stream);
+    if (status != cudaSuccess) return status;
+    return LaunchFluteTile(stream, static_cast<int>(d.bits), bf16, plan.rows_per_launch, plan.column_n, plan.grid, p);
+  }
   const int flush = FlushTiles(d.group_rows, d.groups);
   constexpr int kElementBytes = 2;
   for (int64_t m0 = 0; m0 < d.m; m0 += plan.rows_per_launch) {
@@ -135,11 +152,6 @@ cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, cons
     p.y = static_cast<char*>(y) + m0 * d.n * kElementBytes;
     cudaError_t status = cudaMemsetAsync(p.counters, 0, counter_bytes, stream);
     if (status != cudaSuccess) return status;
-    if (plan.wgmma) {
-      status = LaunchFluteTile(stream, static_cast<int>(d.bits), bf16, FluteTileRows(p.m), plan.grid, p);
-      if (status != cudaSuccess) return status;
-      continue;
-    }
     status = WithKernel(static_cast<int>(d.bits), bf16, plan.m_blocks, flush, [&](auto kernel, int smem) {
       cudaError_t s = Prepare(kernel, smem);
       if (s != cudaSuccess) return s;

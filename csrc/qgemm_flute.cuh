@@ -178,7 +178,8 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
     // End of a segment: the column is done, or this block's range ends.
     if (u == p.k_units - 1 || it + 1 == it_end) {
       // (acc as the one N-block of this warp: FinishColumn's [kNB][chunks][4] view)
-      FinishColumn<T, kMBlocks, 1>(p, c, reinterpret_cast<const float(&)[1][kMBlocks][4]>(acc), &s_is_last);
+      FinishColumn<T, kMBlocks, 1>(p, c, c, static_cast<T*>(p.y), p.m,
+                                   reinterpret_cast<const float(&)[1][kMBlocks][4]>(acc), &s_is_last);
 #pragma unroll
       for (int mb = 0; mb < kMBlocks; ++mb)
 #pragma unroll

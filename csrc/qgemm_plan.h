@@ -13,7 +13,9 @@ struct FlutePlan {
   bool fast = false;          // a FLUTE kernel (else the simple kernel)
   bool wgmma = false;         // the wgmma tile kernel (sm_90a), else the mma.sync decode kernel
   int m_blocks = 0;           // decode kernel: 8-row mma blocks per launch, 1, 2 or 4
-  int rows_per_launch = 0;    // M is covered in slices of this many rows: 8 * m_blocks, or 64 / 128
+  int rows_per_launch = 0;    // decode kernel: M is covered in launches of 8 * m_blocks rows;
+                              // tile kernel: the x tile, 64 or 128 rows (one launch for all of M)
+  int row_tiles = 1;          // tile kernel: x tiles; Stream-K runs over row_tiles * columns columns
   int column_n = 0;           // output features per Stream-K column: 128 (decode), 256 (tile)
   int columns = 0;            // Stream-K columns of column_n output features
   int k_units = 0;            // 256-k iterations per column
@@ -40,26 +42,41 @@ inline int64_t FluteSlotBytes(const FlutePlan& plan) { return int64_t{plan.rows_
 inline int64_t FluteCounterOffset(const FlutePlan& plan) { return 2 * int64_t{plan.grid} * FluteSlotBytes(plan); }
 
 inline int FluteMBlocks(int64_t m) { return m <= 8 ? 1 : m <= 16 ? 2 : 4; }
-// Rows of x per launch of the tile kernel. A last slice of at most 64 rows runs
-// the 64-row instance (the launcher's choice, within this plan's workspace).
+// Rows of x per tile of the tile kernel.
 inline int FluteTileRows(int64_t m) { return m <= 64 ? 64 : 128; }
 
+// The tile kernel's column width. 256 features halve the x traffic per
+// multiply-add, but split the problem into half as many, twice as long Stream-K
+// iterations with twice the fix-up per split column: they pay from 8 iterations
+// per block (H100, one launch per 128 rows: 8192 x 57344 at M = 128 went 312 ->
+// 281 us with them, 8192 x 8192 went 59 -> 86 us at 4 iterations per block).
+inline int FluteTileColumnN(int64_t m, int64_t k, int64_t n, int64_t grid) {
+  const int64_t row_tiles = (m + FluteTileRows(m) - 1) / FluteTileRows(m);
+  const int64_t wide_iters =
+      row_tiles * ((n + kFluteTileColumnN - 1) / kFluteTileColumnN) * ((k + kFluteUnitK - 1) / kFluteUnitK);
+  return wide_iters >= 8 * grid ? kFluteTileColumnN : kFluteColumnN;
+}
+
 // The plan for a call the kernel applies to, given the GPU's multiprocessors and
-// how many blocks of the chosen kernel (decode, or tile when `wgmma`) fit on one.
+// how many blocks of the chosen kernel (decode, or tile when `wgmma`) fit on one;
+// tile_column_n is the tile kernel's column width.
 inline FlutePlan PlanFlute(int64_t m, int64_t k, int64_t n, int64_t group_rows, bool is_half_type,
-                           int sm_count, int blocks_per_sm, bool wgmma = false) {
+                           int sm_count, int blocks_per_sm, bool wgmma = false, int tile_column_n = kFluteColumnN) {
   FlutePlan plan;
   plan.fast = FluteApplies(m, k, n, group_rows, is_half_type) && sm_count > 0 && blocks_per_sm > 0;
   if (!plan.fast) return plan;
   plan.wgmma = wgmma;
   plan.m_blocks = wgmma ? 0 : FluteMBlocks(m);
   plan.rows_per_launch = wgmma ? FluteTileRows(m) : 8 * plan.m_blocks;
-  plan.column_n = wgmma ? kFluteTileColumnN : kFluteColumnN;
+  plan.column_n = wgmma ? tile_column_n : kFluteColumnN;
   plan.columns = static_cast<int>((n + plan.column_n - 1) / plan.column_n);
   plan.k_units = static_cast<int>((k + kFluteUnitK - 1) / kFluteUnitK);
-  const int64_t iters = static_cast<int64_t>(plan.columns) * plan.k_units;
+  const int64_t row_tiles = wgmma ? (m + plan.rows_per_launch - 1) / plan.rows_per_launch : 1;
+  const int64_t iters = row_tiles * plan.columns * plan.k_units;
+  if (iters >= (int64_t{1} << 31)) return FlutePlan{};  // the kernels index iterations in 32 bits
+  plan.row_tiles = static_cast<int>(row_tiles);
   plan.grid = static_cast<int>(std::min<int64_t>(iters, int64_t{sm_count} * blocks_per_sm));
-  plan.workspace_bytes = FluteCounterOffset(plan) + int64_t{plan.columns} * 4;
+  plan.workspace_bytes = FluteCounterOffset(plan) + iters / plan.k_units * 4;
   return plan;
 }
 

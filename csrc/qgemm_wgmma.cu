@@ -1,5 +1,5 @@
 // Instantiations and launch of the wgmma tile kernel (see qgemm_wgmma.cuh).
-// Templates: bits {2, 3, 4} x dtype {f16, bf16} x rows {64, 128}. The sm_80 pass
+// Templates: bits {2, 3, 4} x dtype {f16, bf16} x rows {64, 128} x column {128, 256}. The sm_80 pass
 // compiles empty bodies; the host launches them only on compute capability 9.0.
 #include <cuda_runtime.h>
 
@@ -13,14 +13,20 @@
 namespace flute_jax {
 namespace {
 
-// Calls `fn` with the kernel instance for (bits, bf16, m_tile) and its shared-memory size.
+// Calls `fn` with the kernel instance for (bits, bf16, m_tile, column_n) and its
+// shared-memory size.
 template <typename Fn>
-cudaError_t WithTileKernel(int bits, bool bf16, int m_tile, Fn&& fn) {
+cudaError_t WithTileKernel(int bits, bool bf16, int m_tile, int column_n, Fn&& fn) {
   auto pick = [&](auto bits_c, auto type_c) -> cudaError_t {
     constexpr int kBits = decltype(bits_c)::value;
     using T = typename decltype(type_c)::type;
-    if (m_tile == 64) return fn(flute::FluteTileKernel<kBits, T, 64>, flute::TileSmem<kBits, 64>::kDynamic);
-    return fn(flute::FluteTileKernel<kBits, T, 128>, flute::TileSmem<kBits, 128>::kDynamic);
+    auto by_rows = [&](auto nb_c) -> cudaError_t {
+      constexpr int kNB = decltype(nb_c)::value;
+      if (m_tile == 64)
+        return fn(flute::FluteTileKernel<kBits, T, 64, kNB>, flute::TileSmem<kBits, 64, kNB>::kDynamic);
+      return fn(flute::FluteTileKernel<kBits, T, 128, kNB>, flute::TileSmem<kBits, 128, kNB>::kDynamic);
+    };
+    return column_n == 256 ? by_rows(std::integral_constant<int, 2>{}) : by_rows(std::integral_constant<int, 1>{});
   };
   struct Bf16 { using type = __nv_bfloat16; };
   struct F16 { using type = __half; };
@@ -60,14 +66,14 @@ bool DeviceHasWgmma() {
   return has;
 }
 
-int FluteTileBlocksPerSm(int bits, bool bf16, int m_tile) {
+int FluteTileBlocksPerSm(int bits, bool bf16, int m_tile, int column_n) {
   // Cached per instance (the GPUs of one process are alike); 0 = not yet known.
-  static std::atomic<int> cache[3][2][2];
-  std::atomic<int>& slot = cache[bits - 2][bf16][m_tile == 64 ? 0 : 1];
+  static std::atomic<int> cache[3][2][2][2];
+  std::atomic<int>& slot = cache[bits - 2][bf16][m_tile == 64 ? 0 : 1][column_n == 256 ? 1 : 0];
   const int known = slot.load(std::memory_order_relaxed);
   if (known > 0) return known;
   int blocks = 0;
-  const cudaError_t status = WithTileKernel(bits, bf16, m_tile, [&](auto kernel, int smem) {
+  const cudaError_t status = WithTileKernel(bits, bf16, m_tile, column_n, [&](auto kernel, int smem) {
     cudaError_t s = Prepare(kernel, smem);
     if (s != cudaSuccess) return s;
     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, flute::kTileThreads, smem);
@@ -80,8 +86,9 @@ int FluteTileBlocksPerSm(int bits, bool bf16, int m_tile) {
   return blocks;
 }
 
-cudaError_t LaunchFluteTile(cudaStream_t stream, int bits, bool bf16, int m_tile, int grid, const flute::Params& p) {
-  return WithTileKernel(bits, bf16, m_tile, [&](auto kernel, int smem) {
+cudaError_t LaunchFluteTile(cudaStream_t stream, int bits, bool bf16, int m_tile, int column_n, int grid,
+                            const flute::Params& p) {
+  return WithTileKernel(bits, bf16, m_tile, column_n, [&](auto kernel, int smem) {
     cudaError_t s = Prepare(kernel, smem);
     if (s != cudaSuccess) return s;
     kernel<<<grid, flute::kTileThreads, smem, stream>>>(p);

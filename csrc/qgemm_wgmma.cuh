@@ -2,17 +2,22 @@
 // on Hopper's warpgroup tensor-core instruction (wgmma, sm_90a).
 //
 // Same packed layout, pair table, pipeline and Stream-K partition as the decode
-// kernel (qgemm_flute.cuh); what changes is the matrix multiply and the column:
-// 256 features, each consumer warp owning two N-blocks 128 features apart. Each
-// of the two consumer warpgroups computes 2 x 64 output features x kMTile tokens
+// kernel (qgemm_flute.cuh), over all of M in one launch: the Stream-K columns are
+// (128-row tile of x, feature column) pairs, so a large M gives every block many
+// iterations instead of one short launch per 128 rows; what changes is the matrix multiply and, for large
+// problems, the column: 256 features, each consumer warp owning two N-blocks 128
+// features apart (kNB = 2; else 128 and one). Each of the two consumer
+// warpgroups computes kNB x 64 output features x kMTile tokens
 // with wgmma.m64n{kMTile}k16: A = the table values of W^T straight from the
 // lookups, in registers (a warp's A fragments are exactly the decode kernel's:
 // each warp of the warpgroup holds its own 16 features), B = x^T from shared
 // memory, read by the tensor cores themselves. The decode kernel re-reads the
 // weight for every 32 rows and spends a ldmatrix per 8 rows; here one pass over
 // the weight serves 128 rows, and x costs no instructions at all. The 256-wide
-// column halves the x bytes per multiply-add of a 128-wide one: x is most of
-// what a stage brings, and with 128-wide columns the consumers waited for it.
+// column halves the x bytes per multiply-add of a 128-wide one (x is most of
+// what a stage brings, and with 128-wide columns the consumers wait for it);
+// it pays where there are enough Stream-K iterations per block, else its
+// coarser split and bigger fix-up cost more (qgemm_plan.h decides).
 //
 // Scales multiply the looked-up values (one HMUL2 per A register) instead of the
 // accumulators: wgmma accumulates asynchronously, and a per-group accumulator
@@ -45,24 +50,25 @@ namespace flute {
 constexpr int kProducers = 128;
 constexpr int kTileThreads = kConsumers + kProducers;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 * 40 + 256 * 232 <= 64K
-constexpr int kNB = 2;                        // N-blocks per consumer warp: warp w owns w and w + 8
-constexpr int kTileColumn = kNB * kColumnN;   // features per Stream-K column
 constexpr int kAtomBytes = 1024;  // 8 tokens x 64 k: one swizzle atom
 constexpr int kAtomK = 64;
 
 // Dynamic shared memory: the pair table, then (1 KB-aligned) the pipeline
 // stages: x tile, codes, scales. 128-row tiles fit two stages, 64-row tiles three.
-// The 4-bit pair table keeps 16 copies (16 KB; lanes l and l + 16 share one) to
-// make room for the stages; the 2- and 3-bit tables are small and keep 32.
-template <int kBits, int kMTile>
+// kNB: N-blocks per consumer warp (warp w owns N-blocks w, w + 8, ...), so a
+// Stream-K column has kNB * 128 features. With two, the 4-bit pair table keeps 16
+// copies (16 KB; lanes l and l + 16 share one) to make room for the stages; the
+// 2- and 3-bit tables are small and keep 32.
+template <int kBits, int kMTile, int kNB>
 struct TileSmem {
-  static constexpr int kCopies = kBits == 4 ? 16 : 32;
+  static constexpr int kColumn = kNB * kColumnN;
+  static constexpr int kCopies = kBits == 4 && kNB == 2 ? 16 : 32;
   using Table = PairTable<kBits, kCopies>;
   static constexpr int kStages = kMTile == 128 ? 2 : 3;
   static constexpr int kQuarterBytes = kMTile / 8 * kAtomBytes;  // the x tile's atoms of one 64-k quarter
   static constexpr int kXBytes = (kUnitK / kAtomK) * kQuarterBytes;
   static constexpr int kCodeBytes = kNB * kWarps * 128 * kBits * 4;
-  static constexpr int kScaleBytes = kScaleRows * kTileColumn * 2;
+  static constexpr int kScaleBytes = kScaleRows * kColumn * 2;
   static constexpr int kStageBytes = kXBytes + kCodeBytes + kScaleBytes;
   static constexpr int kDynamic = Table::kReserve + (kAtomBytes - 16) + kStages * kStageBytes;
 };
@@ -73,22 +79,24 @@ struct TileSmem {
 // bank groups) and each token row reads 64 contiguous bytes. Rows past M are left as they are (their outputs,
 // which depend on nothing else, are never stored); k past K is zero (the padded
 // codes there are table[0], not zero). `lane` is the thread's index in the group.
-template <int kBits, typename T, int kMTile>
+template <int kBits, typename T, int kMTile, int kNB>
 __device__ __forceinline__ void ProduceTiles(const Params& p, int it_begin, int it_end, int lane, uint32_t stage0,
                                              uint32_t full0, uint32_t empty0) {
-  using S = TileSmem<kBits, kMTile>;
+  using S = TileSmem<kBits, kMTile, kNB>;
   constexpr int kPasses = kUnitK / 8 / (kProducers / 8);  // 16-byte chunks of a token row per thread
-  const T* x = static_cast<const T*>(p.x);
   const int token_in_block = lane & 7, chunk_in_pass = lane >> 3;
-  int c = it_begin / p.k_units, u = it_begin % p.k_units;
+  const int cc0 = it_begin / p.k_units;
+  int tile = cc0 / p.columns, c = cc0 % p.columns, u = it_begin % p.k_units;
   int s = 0;
   uint32_t parity = 0;  // of stage s's current use
   for (int it = it_begin; it < it_end; ++it) {
     if (it - it_begin >= S::kStages) ptx::MbarWait(empty0 + 8 * s, parity ^ 1);
     const uint32_t base = stage0 + s * S::kStageBytes;
-    CopyCodesAndScales<kBits, T, kProducers, kTileColumn>(p, c, u, lane, base + S::kXBytes,
-                                                          base + S::kXBytes + S::kCodeBytes);
-    for (int tb = 0; tb < kMTile / 8 && 8 * tb < p.m; ++tb) {
+    CopyCodesAndScales<kBits, T, kProducers, S::kColumn>(p, c, u, lane, base + S::kXBytes,
+                                                         base + S::kXBytes + S::kCodeBytes);
+    const int rows = min(kMTile, p.m - tile * kMTile);
+    const T* x = static_cast<const T*>(p.x) + static_cast<int64_t>(tile) * kMTile * p.k;
+    for (int tb = 0; tb < kMTile / 8 && 8 * tb < rows; ++tb) {
       const int n = 8 * tb + token_in_block;
       const T* row = x + static_cast<int64_t>(n) * p.k;
 #pragma unroll
@@ -96,11 +104,14 @@ __device__ __forceinline__ void ProduceTiles(const Params& p, int it_begin, int 
         const int j = (kProducers / 8) * pass + chunk_in_pass, kk = u * kUnitK + 8 * j;
         const uint32_t dst = base + (j / 8) * S::kQuarterBytes + tb * kAtomBytes + token_in_block * 128 +
                              ((j % 8) ^ token_in_block) * 16;
-        if (n < p.m) ptx::CpAsync16(dst, kk < p.k ? row + kk : x, kk < p.k);
+        if (n < rows) ptx::CpAsync16(dst, kk < p.k ? row + kk : x, kk < p.k);
       }
     }
     ptx::MbarArriveOnCopies(full0 + 8 * s);
-    if (++u == p.k_units) { u = 0; ++c; }
+    if (++u == p.k_units) {
+      u = 0;
+      if (++c == p.columns) { c = 0; ++tile; }
+    }
     if (++s == S::kStages) { s = 0; parity ^= 1; }
   }
   ptx::CpAsyncWaitAll();  // leave no copy in flight at exit
@@ -115,10 +126,10 @@ __device__ __forceinline__ uint32_t ScalePair(uint32_t v, typename Vec2<T>::type
   return *reinterpret_cast<uint32_t*>(&pair);
 }
 
-template <int kBits, typename T, int kMTile>
+template <int kBits, typename T, int kMTile, int kNB>
 __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using S = TileSmem<kBits, kMTile>;
+  using S = TileSmem<kBits, kMTile, kNB>;
   using T2 = typename Vec2<T>::type;
   constexpr int kStages = S::kStages;
   constexpr int kChunks = kMTile / 8;  // 8-token column blocks of the accumulator
@@ -145,7 +156,7 @@ __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params 
   __syncthreads();
   if (warp >= kWarps) {
     ptx::SetMaxRegisters<kProducerRegs, false>();
-    ProduceTiles<kBits, T, kMTile>(p, it_begin, it_end, tid - kConsumers, ptx::SharedAddress(stages), full0, empty0);
+    ProduceTiles<kBits, T, kMTile, kNB>(p, it_begin, it_end, tid - kConsumers, ptx::SharedAddress(stages), full0, empty0);
     return;
   }
   ptx::SetMaxRegisters<kConsumerRegs, true>();
@@ -161,7 +172,8 @@ __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params 
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[h][i][j] = 0.f;
 
-  int c = it_begin / p.k_units, u = it_begin % p.k_units;
+  const int cc0 = it_begin / p.k_units;
+  int tile = cc0 / p.columns, c = cc0 % p.columns, u = it_begin % p.k_units;
   int s = 0, pending = -1;  // pending: a stage whose wgmmas may still be running
   uint32_t parity = 0;
   auto release = [&](int stage) {
@@ -197,8 +209,8 @@ __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params 
           uint32_t (&frag)[4] = a[grp & 1][tt][h];
           LookupTile<kBits, S::kCopies>(w[h], t, lane_addr, frag);
           T2 s_lo, s_hi;  // rows r and r + 8 of the N-block's 16 features
-          s_lo.x = s_lo.y = ss[g * kTileColumn + h * kColumnN];
-          s_hi.x = s_hi.y = ss[g * kTileColumn + h * kColumnN + 8];
+          s_lo.x = s_lo.y = ss[g * S::kColumn + h * kColumnN];
+          s_hi.x = s_hi.y = ss[g * S::kColumn + h * kColumnN + 8];
           frag[0] = ScalePair<T>(frag[0], s_lo);
           frag[1] = ScalePair<T>(frag[1], s_hi);
           frag[2] = ScalePair<T>(frag[2], s_lo);
@@ -228,7 +240,9 @@ __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params 
           for (int j = 0; j < 4; ++j) ptx::KeepOrder(acc[h][i][j]);
       release(pending);
       pending = -1;
-      FinishColumn<T, kChunks, kNB>(p, c, acc, &s_is_last);
+      FinishColumn<T, kChunks, kNB>(p, tile * p.columns + c, c,
+                                    static_cast<T*>(p.y) + static_cast<int64_t>(tile) * kMTile * p.n,
+                                    min(kMTile, p.m - tile * kMTile), acc, &s_is_last);
 #pragma unroll
       for (int h = 0; h < kNB; ++h)
 #pragma unroll
@@ -236,7 +250,10 @@ __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params 
 #pragma unroll
           for (int j = 0; j < 4; ++j) acc[h][i][j] = 0.f;
     }
-    if (++u == p.k_units) { u = 0; ++c; }
+    if (++u == p.k_units) {
+      u = 0;
+      if (++c == p.columns) { c = 0; ++tile; }
+    }
     if (++s == kStages) { s = 0; parity ^= 1; }
   }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

@@ -9,11 +9,12 @@ namespace flute {
 struct Params;
 }  // namespace flute
 
-// Blocks of the tile kernel (bits, bf16 or f16, 64 or 128 rows) that fit on a
-// multiprocessor of the current device; 0 when it cannot run.
-int FluteTileBlocksPerSm(int bits, bool bf16, int m_tile);
+// Blocks of the tile kernel (bits, bf16 or f16, 64 or 128 rows, 128- or 256-feature
+// columns) that fit on a multiprocessor of the current device; 0 when it cannot run.
+int FluteTileBlocksPerSm(int bits, bool bf16, int m_tile, int column_n);
 
 // Launches the tile kernel on `grid` blocks.
-cudaError_t LaunchFluteTile(cudaStream_t stream, int bits, bool bf16, int m_tile, int grid, const flute::Params& p);
+cudaError_t LaunchFluteTile(cudaStream_t stream, int bits, bool bf16, int m_tile, int column_n, int grid,
+                            const flute::Params& p);
 
 }  // namespace flute_jax

@@ -20,7 +20,7 @@ def cuda_plan(m: int, k: int, n: int, group_rows: int, bits: int, dtype, *, wgmm
 
     ``dtype`` is x's dtype; ``wgmma`` asks for the tile kernel (granted on compute
     capability 9.0). Returns ``{"kernel": "flute" | "flute_wgmma" | "simple", "grid",
-    "workspace_bytes"}`` (always "simple" in a build without CUDA).
+    "column_n", "workspace_bytes"}`` (always "simple" in a build without CUDA).
     """
     return dict(_flute_ffi.cuda_plan(m, k, n, group_rows, bits, str(np.dtype(dtype)), bool(wgmma)))
 

@@ -47,6 +47,8 @@ def test_plan_takes_the_tile_kernel():
         assert dispatch.gpu_path(m, 4096, 4096, 4, wgmma=True) == "wgmma"
         plan = _ffi.cuda_plan(m, 4096, 4096, 128, 4, jnp.bfloat16, wgmma=True)
         assert plan["kernel"] == "flute_wgmma" and plan["workspace_bytes"] > 0
+        # 4096 x 4096: 256-wide columns once M gives enough Stream-K iterations per block
+        assert plan["column_n"] == (256 if m == 4096 else 128)
 
 
 @pytest.mark.parametrize("bits,group_size,dtype", list(itertools.product(BITS, GROUP_SIZES, DTYPES)))
@@ -70,6 +72,16 @@ def test_forced_tile_kernel_at_small_m(rng, gpu, monkeypatch, m):
     monkeypatch.setenv("FLUTE_JAX_GPU_PATH", "wgmma")
     jax.clear_caches()
     check_qgemm(rng, gpu, 1000, 300, (m,), 3, 64, "float16", repeats=2)
+
+
+@pytest.mark.parametrize("bits,dtype,m", [(4, "bfloat16", 64), (3, "float16", 200), (2, "bfloat16", 130)])
+def test_wide_columns(rng, gpu, bits, dtype, m):
+    # Enough Stream-K iterations per block for 256-feature columns (two N-blocks per
+    # warp); N = 17000 ends in a partial column and a partial N-block.
+    k, n = 4096, 17000
+    plan = _ffi.cuda_plan(m, k, n, 128, bits, jnp.dtype(dtype), wgmma=True)
+    assert plan["kernel"] == "flute_wgmma" and plan["column_n"] == 256
+    check_qgemm(rng, gpu, k, n, (m,), bits, 128, dtype, repeats=2)
 
 
 def test_tile_kernel_nan_propagates(rng, gpu):
