@@ -8,25 +8,31 @@ Three paths, all within the format's tolerances of the float64 reference:
     32 rows of x: memory-bound, the fastest path while M is small (decode).
 ``wgmma``
     The FLUTE tile kernel (``csrc/qgemm_wgmma.cuh``; Hopper, compute capability 9.0
-    only): warpgroup wgmma on 64- or 128-row tiles, reading the weight once per 128
-    rows; batched decode and prefill.
+    only): warpgroup wgmma on 64- or 128-row tiles of x, reading the weight once per
+    128 rows; batched decode and the short end of prefill.
 ``dense``
     Dequantize the weight to x's dtype once (one XLA fusion), then XLA's dot with
-    float32 accumulation. Costs an extra write and read of a 16-bit weight; the
-    large-M path of GPUs without wgmma, where the decode kernel would stream the
-    weight ``ceil(M / 32)`` times.
+    float32 accumulation. Costs an extra write and read of a 16-bit weight, which long
+    prefills amortize; also the large-M path of GPUs without wgmma, where the decode
+    kernel would stream the weight ``ceil(M / 32)`` times.
 
-The rule is two thresholds on M, from H100 measurements (BENCHMARKS.md):
-M <= ``DECODE_MAX_M`` takes ``mma``; above it a Hopper GPU takes ``wgmma``; other
-GPUs take ``mma`` up to ``KERNEL_MAX_M`` and ``dense`` above. Without wgmma the
-crossing of the decode kernel and the dense path lies between M = 150 and 256
-(device time per call, 4-bit g128 bf16, H100, 2026-11-23):
+The rule is thresholds on M, from H100 measurements (BENCHMARKS.md): M <=
+``DECODE_MAX_M`` takes ``mma``; above it a Hopper GPU takes ``wgmma`` up to
+``TILE_MAX_M`` and ``dense`` beyond; other GPUs take ``mma`` up to ``KERNEL_MAX_M`` and
+``dense`` beyond. Device time per call, 4-bit g128 bf16, H100, 2026-11-23:
 
-    K x N          M=64 kernel/dense   M=128 kernel/dense   M=256 kernel/dense
-    4096 x 4096       31 / 74 us          64 / 74 us           129 / 77 us
-    4096 x 28672     136 / 488 us        271 / 490 us          543 / 524 us
-    8192 x 8192       83 / 282 us        166 / 282 us          337 / 285 us
-    8192 x 57344     489 / 1950 us       974 / 1961 us        1935 / 2041 us
+    K x N          M=512 tile/dense   M=1024 tile/dense   M=2048 tile/dense
+    4096 x 4096       58 / 92 us         104 / 104 us        195 / 149 us
+    4096 x 28672     308 / 622 us        592 / 783 us       1198 / 1157 us
+    8192 x 8192      182 / 319 us        339 / 412 us        704 / 606 us
+    8192 x 57344    1109 / 2320 us      2309 / 2977 us      4650 / 4334 us
+
+    Without wgmma, decode kernel / dense:
+    K x N          M=64                M=128               M=256
+    4096 x 4096       31 / 74 us          64 / 74 us          129 / 77 us
+    4096 x 28672     136 / 488 us        271 / 490 us         543 / 524 us
+    8192 x 8192       83 / 282 us        166 / 282 us         337 / 285 us
+    8192 x 57344     489 / 1950 us       974 / 1961 us       1935 / 2041 us
 
 The environment variable ``FLUTE_JAX_GPU_PATH`` (``mma``, ``wgmma`` or ``dense``)
 overrides the rule, for measuring the paths against each other; users never need it.
@@ -39,6 +45,9 @@ import os
 
 # Largest M that the decode kernel takes when the tile kernel can run instead.
 DECODE_MAX_M = 32
+# Largest M that the tile kernel takes: beyond it one dequantization plus XLA's dot
+# (near the tensor-core peak) beats the tile kernel's multiply rate.
+TILE_MAX_M = 1024
 # Largest M that the decode kernel takes on GPUs without wgmma. Above it the kernel's
 # re-reads of the weight (one pass per 32 rows) cost more than one dequantization
 # plus a tensor-core dot.
@@ -60,5 +69,5 @@ def gpu_path(m: int, k: int, n: int, bits: int, *, wgmma: bool) -> str:
     if m <= DECODE_MAX_M:
         return "mma"
     if wgmma:
-        return "wgmma"
+        return "wgmma" if m <= TILE_MAX_M else "dense"
     return "mma" if m <= KERNEL_MAX_M else "dense"

@@ -50,8 +50,10 @@ def test_choice_is_thresholds_on_m(monkeypatch):
     monkeypatch.delenv("FLUTE_JAX_GPU_PATH", raising=False)
     for m, bits, wgmma in itertools.product((1, 16, dispatch.DECODE_MAX_M), (2, 3, 4), (False, True)):
         assert dispatch.gpu_path(m, 4096, 4096, bits, wgmma=wgmma) == "mma"
-    for m in (dispatch.DECODE_MAX_M + 1, 64, 1024, 8192):
+    for m in (dispatch.DECODE_MAX_M + 1, 64, dispatch.TILE_MAX_M):
         assert dispatch.gpu_path(m, 4096, 4096, 4, wgmma=True) == "wgmma"
+    for m in (dispatch.TILE_MAX_M + 1, 8192):
+        assert dispatch.gpu_path(m, 4096, 4096, 4, wgmma=True) == "dense"
     assert dispatch.gpu_path(dispatch.KERNEL_MAX_M, 4096, 4096, 4, wgmma=False) == "mma"
     for m in (dispatch.KERNEL_MAX_M + 1, 1024, 8192):
         assert dispatch.gpu_path(m, 4096, 4096, 4, wgmma=False) == "dense"

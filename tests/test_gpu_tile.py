@@ -44,7 +44,7 @@ def _automatic_path(monkeypatch):
 
 def test_plan_takes_the_tile_kernel():
     for m in (33, 64, 128, 4096):
-        assert dispatch.gpu_path(m, 4096, 4096, 4, wgmma=True) == "wgmma"
+        assert dispatch.gpu_path(m, 4096, 4096, 4, wgmma=True) == ("wgmma" if m <= dispatch.TILE_MAX_M else "dense")
         plan = _ffi.cuda_plan(m, 4096, 4096, 128, 4, jnp.bfloat16, wgmma=True)
         assert plan["kernel"] == "flute_wgmma" and plan["workspace_bytes"] > 0
         # 4096 x 4096: 256-wide columns once M gives enough Stream-K iterations per block
