@@ -7,8 +7,8 @@ the tile kernel (64- and 128-row tiles, several x tiles in one launch, 128- and
 k-unit; each result is checked against the float64 reference, so a run under the
 sanitizer also shows the instrumented kernel computed the right thing:
 
-    compute-sanitizer --tool memcheck --kernel-name regex:Flute python tools/sanitize_sweep.py
-    compute-sanitizer --tool racecheck --kernel-name regex:Flute python tools/sanitize_sweep.py
+    compute-sanitizer --tool memcheck --kernel-name kns=Flute python tools/sanitize_sweep.py
+    compute-sanitizer --tool racecheck --kernel-name kns=Flute python tools/sanitize_sweep.py
 """
 
 from __future__ import annotations
