@@ -1,23 +1,25 @@
-// The FLUTE qgemm kernel for batches and prefill (64 or 128 rows of x per launch),
-// on Hopper's warpgroup tensor-core instruction (wgmma, sm_90a).
+// The FLUTE qgemm kernel for batches and prefill (M > 16 rows), on Hopper's
+// warpgroup tensor-core instruction (wgmma, sm_90a).
 //
-// Same packed layout, pair table, pipeline and Stream-K partition as the decode
-// kernel (qgemm_flute.cuh), over all of M in one launch: the Stream-K columns are
-// (128-row tile of x, feature column) pairs, so a large M gives every block many
-// iterations instead of one short launch per 128 rows; what changes is the matrix multiply and, for large
-// problems, the column: 256 features, each consumer warp owning two N-blocks 128
-// features apart (kNB = 2; else 128 and one). Each of the two consumer
-// warpgroups computes kNB x 64 output features x kMTile tokens
-// with wgmma.m64n{kMTile}k16: A = the table values of W^T straight from the
-// lookups, in registers (a warp's A fragments are exactly the decode kernel's:
-// each warp of the warpgroup holds its own 16 features), B = x^T from shared
-// memory, read by the tensor cores themselves. The decode kernel re-reads the
-// weight for every 32 rows and spends a ldmatrix per 8 rows; here one pass over
-// the weight serves 128 rows, and x costs no instructions at all. The 256-wide
-// column halves the x bytes per multiply-add of a 128-wide one (x is most of
-// what a stage brings, and with 128-wide columns the consumers wait for it);
-// it pays where there are enough Stream-K iterations per block, else its
-// coarser split and bigger fix-up cost more (qgemm_plan.h decides).
+// Same packed layout, pair table, producer/consumer pipeline and Stream-K as the
+// decode kernel (qgemm_flute.cuh). What changes:
+//  - The multiply: each of the two consumer warpgroups computes kNB x 64 output
+//    features x kMTile tokens with wgmma.m64n{kMTile}k16. A = the table values of
+//    W^T straight from the lookups, in registers (a warp's A fragments are the
+//    decode kernel's: each warp of the warpgroup holds its own 16 features); B =
+//    x^T from shared memory, read by the tensor cores themselves. The decode
+//    kernel re-reads the weight for every 32 rows and spends a ldmatrix per 8
+//    rows; here one pass over the weight serves 128 rows, and x costs the
+//    consumers no instructions.
+//  - All of M in one launch: the Stream-K columns are (x tile, feature column)
+//    pairs, so a large M gives every block many iterations instead of one short
+//    launch per tile.
+//  - The column, for large problems: 256 features, each consumer warp owning two
+//    N-blocks 128 features apart (kNB = 2; else 128 features and one). That halves
+//    the x bytes per multiply-add (x is most of what a stage brings, and the
+//    consumers wait for stages); it pays where there are enough Stream-K
+//    iterations per block, else the coarser split and the bigger fix-up cost more
+//    (qgemm_plan.h decides).
 //
 // Scales multiply the looked-up values (one HMUL2 per A register) instead of the
 // accumulators: wgmma accumulates asynchronously, and a per-group accumulator
@@ -26,8 +28,7 @@
 // Overlap: a unit's 16 k-tiles go in eight groups of two (four wgmmas),
 // alternating between two A register buffers; the lookups of group g run while
 // the tensor cores work on group g - 1 (wgmma.wait_group 1 before a buffer is
-// rewritten).
-// A stage goes back to the producer once every wgmma reading it has completed.
+// rewritten). A stage goes back to the producer once every wgmma reading it has completed.
 //
 // x tile in shared memory: wgmma's B operand in the K-major, 128-byte-swizzled
 // layout. An "atom" is 8 tokens x 64 k (8 rows of 128 bytes, 1 KB-aligned); the
@@ -46,7 +47,7 @@ namespace flute {
 
 // Block: the two consumer warpgroups (warps 0-7) and a producer warpgroup (warps
 // 8-11). Registers move from the producers to the consumers (setmaxnreg): the
-// consumers hold up to 64 accumulators, two buffers of A fragments and the codes.
+// consumers hold up to 128 accumulators, two buffers of A fragments and the codes.
 constexpr int kProducers = 128;
 constexpr int kTileThreads = kConsumers + kProducers;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 * 40 + 256 * 232 <= 64K
@@ -76,9 +77,10 @@ struct TileSmem {
 // The producer warpgroup, as the decode kernel's producer warp, with x stored in
 // swizzled atoms. One warp's pass copies 8 tokens x 4 k-chunks of one atom: its
 // shared-memory writes are conflict-free (each chunk column lands in 8 distinct
-// bank groups) and each token row reads 64 contiguous bytes. Rows past M are left as they are (their outputs,
-// which depend on nothing else, are never stored); k past K is zero (the padded
-// codes there are table[0], not zero). `lane` is the thread's index in the group.
+// bank groups) and each token row reads 64 contiguous bytes. Rows past M are left
+// as they are (their outputs, which depend on nothing else, are never stored); k
+// past K is zero (the padded codes there are table[0], not zero). `lane` is the
+// thread's index in the producer warpgroup.
 template <int kBits, typename T, int kMTile, int kNB>
 __device__ __forceinline__ void ProduceTiles(const Params& p, int it_begin, int it_end, int lane, uint32_t stage0,
                                              uint32_t full0, uint32_t empty0) {
