@@ -16,7 +16,7 @@ struct FlutePlan {
   int rows_per_launch = 0;    // decode kernel: M is covered in launches of 8 * m_blocks rows;
                               // tile kernel: the x tile, 64 or 128 rows (one launch for all of M)
   int row_tiles = 1;          // tile kernel: x tiles; Stream-K runs over row_tiles * columns columns
-  int column_n = 0;           // output features per Stream-K column: 128 (decode), 256 (tile)
+  int column_n = 0;           // output features per Stream-K column: 128, or 256 for a large tile-kernel problem
   int columns = 0;            // Stream-K columns of column_n output features
   int k_units = 0;            // 256-k iterations per column
   int grid = 0;               // persistent blocks
