@@ -25,9 +25,9 @@
 // accumulators: wgmma accumulates asynchronously, and a per-group accumulator
 // would have to be waited for and flushed at every group.
 //
-// Overlap: a unit's 16 k-tiles go in eight groups of two (four wgmmas),
-// alternating between two A register buffers; the lookups of group g run while
-// the tensor cores work on group g - 1 (wgmma.wait_group 1 before a buffer is
+// Overlap: each k-tile's wgmmas are one commit group, and its A fragments go to
+// a ring of four register buffers; the lookups of tile t run while the tensor
+// cores work on tiles t - 3 .. t - 1 (wgmma.wait_group 3 before a buffer is
 // rewritten). A stage goes back to the producer once every wgmma reading it has completed.
 //
 // x tile in shared memory: wgmma's B operand in the K-major, 128-byte-swizzled
@@ -53,6 +53,9 @@ constexpr int kTileThreads = kConsumers + kProducers;
 constexpr int kProducerRegs = 40, kConsumerRegs = 232;  // 128 * 40 + 256 * 232 <= 64K
 constexpr int kAtomBytes = 1024;  // 8 tokens x 64 k: one swizzle atom
 constexpr int kAtomK = 64;
+// A fragments in flight: k-tile t's lookups fill buffer t % kABuffers while the
+// wgmmas of the kABuffers - 1 tiles before it may still run (kTiles is a multiple).
+constexpr int kABuffers = 4;
 
 // Dynamic shared memory: the pair table, then (1 KB-aligned) the pipeline
 // stages: x tile, codes, scales. 128-row tiles fit two stages, 64-row tiles three.
@@ -194,39 +197,40 @@ __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params 
     const T* ss = reinterpret_cast<const T*>(base + S::kXBytes + S::kCodeBytes) + warp * 16 + r;
     // k-tile t's B: 32 bytes at (t % 4) * 32 into the rows of quarter t / 4's atoms.
     const uint64_t desc0 = ptx::MatrixDescriptorSwizzle128(ptx::SharedAddress(base), kAtomBytes);
-    uint32_t a[2][2][kNB][4];  // two buffers of two k-tiles' A fragments per N-block
+    uint32_t a[kABuffers][kNB][4];  // a ring of single k-tiles' A fragments per N-block
+    T2 s_lo[kNB], s_hi[kNB];        // rows r and r + 8 of each N-block's 16 features
 #pragma unroll
-    for (int grp = 0; grp < kTiles / 2; ++grp) {
-      // Buffer grp & 1 was read by group grp - 2 (of this unit or the last): wait for it.
-      ptx::WgmmaWait<1>();
-      if (grp == 1 && pending >= 0) {  // the previous unit's wgmmas have all completed
+    for (int t = 0; t < kTiles; ++t) {
+      // Buffer t % kABuffers was read by k-tile t - kABuffers (of this unit or the
+      // last): wait until at most kABuffers - 1 tiles' wgmmas are still running.
+      ptx::WgmmaWait<kABuffers - 1>();
+      if (t == kABuffers - 1 && pending >= 0) {  // the previous unit's wgmmas have all completed
         release(pending);
         pending = -1;
       }
-#pragma unroll
-      for (int tt = 0; tt < 2; ++tt) {
-        const int t = 2 * grp + tt, g = t >> p.group_shift;
+      // Scale groups are >= 32 rows and start at even k-tiles: one pair of scale
+      // reads per N-block serves two k-tiles.
+      if (t % 2 == 0) {
+        const int g = t >> p.group_shift;
 #pragma unroll
         for (int h = 0; h < kNB; ++h) {
-          uint32_t (&frag)[4] = a[grp & 1][tt][h];
-          LookupTile<kBits, S::kCopies>(w[h], t, lane_addr, frag);
-          T2 s_lo, s_hi;  // rows r and r + 8 of the N-block's 16 features
-          s_lo.x = s_lo.y = ss[g * S::kColumn + h * kColumnN];
-          s_hi.x = s_hi.y = ss[g * S::kColumn + h * kColumnN + 8];
-          frag[0] = ScalePair<T>(frag[0], s_lo);
-          frag[1] = ScalePair<T>(frag[1], s_hi);
-          frag[2] = ScalePair<T>(frag[2], s_lo);
-          frag[3] = ScalePair<T>(frag[3], s_hi);
+          s_lo[h].x = s_lo[h].y = ss[g * S::kColumn + h * kColumnN];
+          s_hi[h].x = s_hi[h].y = ss[g * S::kColumn + h * kColumnN + 8];
         }
+      }
+#pragma unroll
+      for (int h = 0; h < kNB; ++h) {
+        uint32_t (&frag)[4] = a[t % kABuffers][h];
+        LookupTile<kBits, S::kCopies>(w[h], t, lane_addr, frag);
+        frag[0] = ScalePair<T>(frag[0], s_lo[h]);
+        frag[1] = ScalePair<T>(frag[1], s_hi[h]);
+        frag[2] = ScalePair<T>(frag[2], s_lo[h]);
+        frag[3] = ScalePair<T>(frag[3], s_hi[h]);
       }
       ptx::WgmmaFence();
 #pragma unroll
-      for (int tt = 0; tt < 2; ++tt) {
-        const int t = 2 * grp + tt;
-#pragma unroll
-        for (int h = 0; h < kNB; ++h)
-          ptx::Wgmma<kMTile, T>(acc[h], a[grp & 1][tt][h], desc0 + (((t / 4) * S::kQuarterBytes + (t % 4) * 32) >> 4));
-      }
+      for (int h = 0; h < kNB; ++h)
+        ptx::Wgmma<kMTile, T>(acc[h], a[t % kABuffers][h], desc0 + (((t / 4) * S::kQuarterBytes + (t % 4) * 32) >> 4));
       ptx::WgmmaCommit();
     }
     pending = s;
