@@ -39,9 +39,8 @@ struct Params {
   float* partials;        // [2 * grid][m_tile][column features] Stream-K partial sums
   int* counters;          // [columns] arrivals per split column (zeroed before launch)
   int m, k, n;            // rows (decode kernel: this launch's, <= its m_tile; tile kernel: all), K, N
-  int n_blocks, k_units, columns;  // columns: of output features
-  int row_tiles;          // tile kernel: m_tile-row tiles of x, Stream-K column cc = tile * columns + c
-                          // (the kernel walks (tile, c) from cc; kept for debugging dumps of Params)
+  int n_blocks, k_units, columns;  // columns: of output features (the tile kernel's Stream-K
+                                   // column cc covers x tile cc / columns, feature column cc % columns)
   int groups;
   int group_shift;        // log2(group_rows / 16); 30 when there is a single group
   // Stream-K partition of columns * k_units (< 2^31) iterations: block b runs

@@ -30,6 +30,7 @@ NB_MODULE(_flute_ffi, m) {
     nb::dict targets;
 #ifdef FLUTE_JAX_WITH_CUDA
     targets["flute_qgemm"] = Capsule(flute_jax::QgemmCuda);
+    targets["flute_dequantize"] = Capsule(flute_jax::DequantCuda);
 #endif
     return targets;
   });

@@ -131,7 +131,6 @@ cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, cons
   int shift = 0;
   while ((int64_t{16} << shift) < d.group_rows) ++shift;
   p.group_shift = d.groups == 1 ? 30 : shift;  // group_rows = 16 << shift (a power of two)
-  p.row_tiles = plan.row_tiles;
   const int iterations = plan.row_tiles * plan.columns * plan.k_units;  // < 2^31 (PlanFlute)
   p.iters_per_block = iterations / plan.grid;                            // >= 1: grid <= iterations
   p.extra_iters = iterations % plan.grid;

@@ -9,8 +9,9 @@ Params: ``bits`` and ``group_size`` (K rows per scale group, already resolved fr
 Result: ``y [M, N]`` in x's dtype; K comes from x, N from scales.
 
 The CPU lowering calls the threaded C++ handler. The CUDA lowering calls the CUDA
-handler with the kernel to run (decode or tile), or dequantizes once and lets XLA's
-dot run; the choice is :func:`flute_jax.dispatch.gpu_path`. All compute the same
+handler with the kernel to run (decode or tile), or dequantizes once (our CUDA
+kernel) and lets XLA's dot run (:mod:`flute_jax.dense`); the choice is
+:func:`flute_jax.dispatch.gpu_path`. All compute the same
 function within the format's tolerances (float32 accumulation).
 """
 
@@ -19,12 +20,12 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
-from . import _ffi, autodiff, dispatch
+from . import _ffi, dispatch
+from .dense import dense_qgemm
 
 qgemm_p = Primitive("flute_qgemm")
 
@@ -47,20 +48,12 @@ def _lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
     return _ffi_lowering(ctx, x, codes, scales, table, bits=np.int64(bits), group_size=np.int64(group_size))
 
 
-def _dense_qgemm(x, codes, scales, table, *, bits: int, group_size: int):
-    """``x @ W_hat``: one dequantization to x's dtype, then XLA's dot (f32 accumulation),
-    with the same dequantized weight and precision as the transpose rule for x."""
-    w = autodiff.dequantized(codes, scales, table, bits=bits, group_size=group_size, k=x.shape[1])
-    y = jnp.dot(x, w.astype(x.dtype), precision=autodiff.dot_precision(x.dtype), preferred_element_type=jnp.float32)
-    return y.astype(x.dtype)
-
-
 def _cuda_lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
     x_aval, scales_aval = ctx.avals_in[0], ctx.avals_in[2]
     m, k = x_aval.shape
     path = dispatch.gpu_path(m, k, scales_aval.shape[1], bits, wgmma=_ffi.cuda_has_wgmma())
     if path == "dense":
-        dense = functools.partial(_dense_qgemm, bits=bits, group_size=group_size)
+        dense = functools.partial(dense_qgemm, bits=bits, group_size=group_size, cuda=True)
         return mlir.lower_fun(dense, multiple_results=False)(ctx, x, codes, scales, table)
     # The CUDA handler takes a second result: the Stream-K workspace (partial sums
     # and arrival counters). XLA allocates it like any temporary, so the handler

@@ -15,7 +15,7 @@ import pytest
 
 import flute_jax as fj
 from conftest import TOLERANCE, reference_qgemm, rel_error
-from flute_jax import _ffi, dispatch, primitive
+from flute_jax import _ffi, dense, dispatch
 from qgemm_checks import random_weight
 
 
@@ -33,8 +33,8 @@ def test_dense_path_matches_reference(rng, bits, group_size, dtype, k, n, m):
     dtype = jnp.dtype(dtype)
     qw = random_weight(rng, k, n, bits, group_size, dtype)
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)
-    dense = jax.jit(functools.partial(primitive._dense_qgemm, bits=bits, group_size=qw.group_rows))
-    y = dense(x, qw.codes, qw.scales, qw.table)
+    dense_fn = jax.jit(functools.partial(dense.dense_qgemm, bits=bits, group_size=qw.group_rows, cuda=False))
+    y = dense_fn(x, qw.codes, qw.scales, qw.table)
     assert y.shape == (m, n) and y.dtype == dtype
     assert rel_error(np.asarray(y), reference_qgemm(np.asarray(x), qw)) <= TOLERANCE[dtype.name]
 
@@ -42,7 +42,7 @@ def test_dense_path_matches_reference(rng, bits, group_size, dtype, k, n, m):
 def test_dense_path_propagates_nan(rng):
     qw = random_weight(rng, 256, 16, 4, 128, jnp.float32)
     x = jnp.asarray(rng.standard_normal((2, 256)), jnp.float32).at[1, 7].set(jnp.nan)
-    y = np.asarray(primitive._dense_qgemm(x, qw.codes, qw.scales, qw.table, bits=4, group_size=128))
+    y = np.asarray(dense.dense_qgemm(x, qw.codes, qw.scales, qw.table, bits=4, group_size=128, cuda=False))
     assert np.all(np.isfinite(y[0])) and np.all(np.isnan(y[1]))
 
 
@@ -77,6 +77,8 @@ def test_cuda_lowering_follows_the_choice(rng, monkeypatch, m, path):
     x = jax.ShapeDtypeStruct((m, 512), jnp.bfloat16)
     text = jax.jit(fj.qgemm).trace(x, qw).lower(lowering_platforms=("cuda",)).as_text()
     assert ("flute_qgemm" in text) == (path != "dense")
+    # the dense path: our dequantize kernel, then XLA's dot
+    assert ("flute_dequantize" in text) == (path == "dense")
     assert ("dot_general" in text) == (path == "dense")
     if path != "dense":
         assert f"kernel = {int(path == 'wgmma')} : i64" in text
