@@ -6,10 +6,12 @@
 
 Model: RMSNorm, rotary embeddings (Hugging Face's rotate-half convention, with Llama 3.1
 frequency scaling when the config has it), grouped-query attention with an explicit KV
-cache, SwiGLU MLP, tied or untied output head. Every projection is ``nn.Dense`` (bf16) or,
+cache, SwiGLU MLP, tied or untied output head. q/k/v run as one fused projection ``qkv``
+and gate/up as one ``gate_up`` (as serving stacks do: in decode every projection is one
+memory-bound call, and small calls cost their fixed latency). Every projection is ``nn.Dense`` (bf16) or,
 with ``quant`` set, ``flute_jax.nn.FluteDense`` under the same name, so the bf16 params
 convert with one ``flute_jax.nn.quantize_params`` call. The lm head stays bf16 unless
-``--quantize-head``. Kernels carry logical axis names (embed, heads, kv, mlp, vocab) that
+``--quantize-head``. Kernels carry logical axis names (embed, heads, mlp, vocab) that
 tp_inference.py maps onto a device mesh.
 
 Weights: random (``--config tiny|8b|70b``) or a Hugging Face Llama safetensors checkpoint
@@ -126,12 +128,15 @@ class Block(nn.Module):
         cfg, q = self.cfg, self.quant
         b, t, _ = x.shape
         h = RMSNorm(cfg.norm_eps, self.dtype, name="attn_norm")(x)
-        query = make_dense(cfg.heads * cfg.head_dim, "q", ("embed", "heads"), q, self.dtype)(h)
-        key = make_dense(cfg.kv_heads * cfg.head_dim, "k", ("embed", "kv"), q, self.dtype)(h)
-        value = make_dense(cfg.kv_heads * cfg.head_dim, "v", ("embed", "kv"), q, self.dtype)(h)
-        query = query.reshape(b, t, cfg.heads, cfg.head_dim)
-        key = key.reshape(b, t, cfg.kv_heads, cfg.head_dim)
-        value = value.reshape(b, t, cfg.kv_heads, cfg.head_dim)
+        group = cfg.heads // cfg.kv_heads
+        # One fused q/k/v projection (one qgemm call instead of three). Its features are
+        # [kv_heads, group + 2, head_dim]: each KV head's `group` query heads, then its key
+        # and value heads, so a contiguous split of the features over devices gives every
+        # device whole KV-head groups (tensor parallelism over heads).
+        qkv = make_dense(cfg.kv_heads * (group + 2) * cfg.head_dim, "qkv", ("embed", "heads"), q, self.dtype)(h)
+        qkv = qkv.reshape(b, t, cfg.kv_heads, group + 2, cfg.head_dim)
+        query = qkv[:, :, :, :group].reshape(b, t, cfg.heads, cfg.head_dim)
+        key, value = qkv[:, :, :, group], qkv[:, :, :, group + 1]
         positions = pos + jnp.arange(t)
         freqs = rope_frequencies(cfg)
         query, key = apply_rope(query, positions, freqs), apply_rope(key, positions, freqs)
@@ -139,7 +144,6 @@ class Block(nn.Module):
         cache_v = jax.lax.dynamic_update_slice(cache[1], value.astype(cache[1].dtype), (0, pos, 0, 0))
         cache_k = constrain(cache_k, ("batch", None, "kv_heads", None))
         cache_v = constrain(cache_v, ("batch", None, "kv_heads", None))
-        group = cfg.heads // cfg.kv_heads
         qg = query.reshape(b, t, cfg.kv_heads, group, cfg.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, cache_k, preferred_element_type=jnp.float32)
         scores = scores / np.sqrt(cfg.head_dim)
@@ -149,9 +153,11 @@ class Block(nn.Module):
         attn = jnp.einsum("bkgts,bskd->btkgd", probs, cache_v).reshape(b, t, cfg.heads * cfg.head_dim)
         x = x + make_dense(cfg.dim, "o", ("heads", "embed"), q, self.dtype)(attn)
         h = RMSNorm(cfg.norm_eps, self.dtype, name="mlp_norm")(x)
-        gate = make_dense(cfg.hidden, "gate", ("embed", "mlp"), q, self.dtype)(h)
-        up = make_dense(cfg.hidden, "up", ("embed", "mlp"), q, self.dtype)(h)
-        mid = constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
+        # One fused gate/up projection, features [hidden, 2] (gate and up interleaved per
+        # hidden unit), so any contiguous split over devices keeps each pair together.
+        gate_up = make_dense(2 * cfg.hidden, "gate_up", ("embed", "mlp"), q, self.dtype)(h)
+        gate_up = gate_up.reshape(b, t, cfg.hidden, 2)
+        mid = constrain(jax.nn.silu(gate_up[..., 0]) * gate_up[..., 1], ("batch", None, "mlp"))
         x = x + make_dense(cfg.dim, "down", ("mlp", "embed"), q, self.dtype)(mid)
         return constrain(x, ("batch", None, "embed")), (cache_k, cache_v)
 
@@ -310,13 +316,22 @@ def load_hf(directory: str) -> tuple[Config, dict]:
     get = lambda name: jnp.asarray(np.asarray(tensors[name]), jnp.bfloat16)  # noqa: E731
     kernel = lambda name: {"kernel": get(name).T}  # noqa: E731
     params = {"embed": {"embedding": get("model.embed_tokens.weight")}, "norm": {"scale": get("model.norm.weight")}}
+    group, d = cfg.heads // cfg.kv_heads, cfg.head_dim
     for i in range(cfg.layers):
         p = f"model.layers.{i}."
+        t = lambda name: np.asarray(tensors[p + name], np.float32).T  # noqa: E731  [in, out]
+        # the fused layouts of Block: qkv features [kv_heads, group + 2, head_dim], gate_up [hidden, 2]
+        qkv = np.concatenate([t("self_attn.q_proj.weight").reshape(cfg.dim, cfg.kv_heads, group, d),
+                              t("self_attn.k_proj.weight").reshape(cfg.dim, cfg.kv_heads, 1, d),
+                              t("self_attn.v_proj.weight").reshape(cfg.dim, cfg.kv_heads, 1, d)], axis=2)
+        gate_up = np.stack([t("mlp.gate_proj.weight"), t("mlp.up_proj.weight")], axis=-1)
         params[f"layers_{i}"] = {
             "attn_norm": {"scale": get(p + "input_layernorm.weight")},
             "mlp_norm": {"scale": get(p + "post_attention_layernorm.weight")},
-            **{n: kernel(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v", "o")},
-            **{n: kernel(p + f"mlp.{n}_proj.weight") for n in ("gate", "up", "down")},
+            "qkv": {"kernel": jnp.asarray(qkv.reshape(cfg.dim, -1), jnp.bfloat16)},
+            "o": kernel(p + "self_attn.o_proj.weight"),
+            "gate_up": {"kernel": jnp.asarray(gate_up.reshape(cfg.dim, -1), jnp.bfloat16)},
+            "down": kernel(p + "mlp.down_proj.weight"),
         }
     if not cfg.tie_embeddings:
         params["lm_head"] = kernel("lm_head.weight")
@@ -342,15 +357,17 @@ def bench_decode(model: Llama, params, batch: int, context: int, steps: int = 32
 def run_bench(cfg: Config, seed: int, batches=(1, 4, 16), context: int = 512, steps: int = 32) -> list[dict]:
     dense = nn.meta.unbox(random_params(cfg, seed))
     rows = []
-    variants = [("bf16", None), ("4bit-g64", dict(bits=4, group_size=64)),
-                ("4bit-g128", dict(bits=4, group_size=128)), ("3bit-g64", dict(bits=3, group_size=64))]
-    for name, quant in variants:
-        params = dense if quant is None else quantize(dense, **quant)
-        model = Llama(cfg, quant=None if quant is None else dict(quant, table="nf"))
+    # (name, quantization, lm head quantized too)
+    variants = [("bf16", None, False), ("4bit-g64", dict(bits=4, group_size=64), False),
+                ("4bit-g128", dict(bits=4, group_size=128), False), ("3bit-g64", dict(bits=3, group_size=64), False),
+                ("4bit-g128+head", dict(bits=4, group_size=128), True)]
+    for name, quant, head in variants:
+        params = dense if quant is None else quantize(dense, **quant, quantize_head=head)
+        model = Llama(cfg, quant=None if quant is None else dict(quant, table="nf"), quantize_head=head)
         for batch in batches:
             tps = bench_decode(model, params, batch, context, steps)
             rows.append({"variant": name, "batch": batch, "context": context, "tokens_per_s": tps})
-            print(f"{name:10s} batch {batch:3d} context {context}: {tps:9.1f} tokens/s", flush=True)
+            print(f"{name:14s} batch {batch:3d} context {context}: {tps:9.1f} tokens/s", flush=True)
         if quant is not None:
             del params
     base = {r["batch"]: r["tokens_per_s"] for r in rows if r["variant"] == "bf16"}
@@ -374,7 +391,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-ids", help="comma-separated prompt token ids (one sequence)")
     ap.add_argument("--steps", type=int, default=16, help="tokens to generate")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--bench", action="store_true", help="decode tokens/s, bf16 vs 4-bit g64/g128 and 3-bit")
+    ap.add_argument("--bench", action="store_true", help="decode tokens/s, bf16 vs 4-bit g64/g128, 3-bit g64 and 4-bit g128 with the lm head quantized too")
     ap.add_argument("--bench-batches", default="1,4,16")
     ap.add_argument("--context", type=int, default=512)
     args = ap.parse_args(argv)

@@ -2,8 +2,9 @@
 
     python examples/tp_inference.py            # 8 simulated CPU devices: mesh data=2 x model=4
 
-Column-parallel layers (q, k, v, gate, up) split their kernel's N over 'model'; row-parallel
-layers (o, down) split K over 'model', so each device holds 1/4 of every quantized weight
+Column-parallel layers (the fused qkv and gate_up) split their kernel's N over 'model'
+(their feature orders keep whole KV-head groups and gate/up pairs on one device);
+row-parallel layers (o, down) split K over 'model', so each device holds 1/4 of every quantized weight
 (codes, scales; the 16-entry table is replicated) and the KV cache is split over heads.
 The batch is split over 'data'. Everything comes from the logical axis names the layers
 carry (flute_jax.nn gives each QuantizedWeight leaf its own names) and the rules below; the
@@ -28,12 +29,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import llama  # noqa: E402
 
-# logical axis -> mesh axis. K of o/down is 'heads'/'mlp' (row parallel), N of q/k/v/gate/up
-# is 'heads'/'kv'/'mlp' (column parallel); 'embed' (the residual stream) is not split.
+# logical axis -> mesh axis. K of o/down is 'heads'/'mlp' (row parallel), N of qkv/gate_up
+# is 'heads'/'mlp' (column parallel); 'embed' (the residual stream) is not split.
 RULES = (
     ("batch", "data"),
     ("heads", "model"),
-    ("kv", "model"),
     ("kv_heads", "model"),
     ("mlp", "model"),
     ("embed", None),
@@ -82,9 +82,9 @@ def main(argv=None) -> dict:
     with (jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh), nn.logical_axis_rules(RULES):
         tp = run(sharded, place)
 
-    up = sharded["layers_0"]["up"]["kernel"]
+    up = sharded["layers_0"]["gate_up"]["kernel"]
     down = sharded["layers_0"]["down"]["kernel"]
-    print(f"mesh {dict(mesh.shape)}; layers_0/up codes {up.codes.shape} -> per device "
+    print(f"mesh {dict(mesh.shape)}; layers_0/gate_up codes {up.codes.shape} -> per device "
           f"{up.codes.addressable_shards[0].data.shape} ({up.codes.sharding.spec}); "
           f"down codes {down.codes.shape} -> {down.codes.addressable_shards[0].data.shape} ({down.codes.sharding.spec})")
     diff = float(np.max(np.abs(tp - single)) / np.max(np.abs(single)))

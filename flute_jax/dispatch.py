@@ -11,23 +11,26 @@ Three paths, all within the format's tolerances of the float64 reference:
     only): warpgroup wgmma on 64- or 128-row tiles of x, reading the weight once per
     128 rows; batched decode and the short end of prefill.
 ``dense``
-    Dequantize the weight to x's dtype once (one XLA fusion), then XLA's dot with
-    float32 accumulation. Costs an extra write and read of a 16-bit weight, which long
-    prefills amortize; also the large-M path of GPUs without wgmma, where the decode
-    kernel would stream the weight ``ceil(M / 32)`` times.
+    Dequantize the weight to x's dtype once (our CUDA kernel, ``csrc/dequant_kernel.cu``,
+    at ~90% of the copy bandwidth), then XLA's dot. Costs an extra write and read of a
+    16-bit weight, which long prefills amortize; also the large-M path of GPUs without
+    wgmma, where the decode kernel would stream the weight ``ceil(M / 32)`` times.
 
 The rule is thresholds on M, from H100 measurements (BENCHMARKS.md): M <=
 ``DECODE_MAX_M`` takes ``mma``; above it a Hopper GPU takes ``wgmma`` up to
 ``TILE_MAX_M`` and ``dense`` beyond; other GPUs take ``mma`` up to ``KERNEL_MAX_M`` and
-``dense`` beyond. Device time per call, 4-bit g128 bf16, H100, 2026-11-23:
+``dense`` beyond. Device time per call, 4-bit g128 bf16, H100, 2026-11-24 (tile kernel
+v7, dense path with the CUDA dequantize kernel):
 
-    K x N          M=512 tile/dense   M=1024 tile/dense   M=2048 tile/dense
-    4096 x 4096       58 / 92 us         104 / 104 us        195 / 149 us
-    4096 x 28672     308 / 622 us        592 / 783 us       1198 / 1157 us
-    8192 x 8192      182 / 319 us        339 / 412 us        704 / 606 us
-    8192 x 57344    1109 / 2320 us      2309 / 2977 us      4650 / 4334 us
+    K x N          M=256 tile/dense   M=384 tile/dense   M=512 tile/dense
+    4096 x 4096       36 / 35 us          47 / 40 us          58 / 41 us
+    4096 x 28672     167 / 206 us        228 / 241 us        292 / 271 us
+    8192 x 8192      113 / 117 us        143 / 130 us        176 / 146 us
+    8192 x 57344     524 / 776 us        767 / 896 us       1020 / 1019 us
 
-    Without wgmma, decode kernel / dense:
+    (geomean tile/dense time: 0.86 at M = 256, 1.01 at 384, 1.17 at 512)
+
+    Without wgmma, decode kernel / dense (v5 measurement, dense path then an XLA fusion):
     K x N          M=64                M=128               M=256
     4096 x 4096       31 / 74 us          64 / 74 us          129 / 77 us
     4096 x 28672     136 / 488 us        271 / 490 us         543 / 524 us
@@ -49,8 +52,8 @@ import os
 # tile 1.41x; at M = 32 decode 1.13x, tile 1.45x).
 DECODE_MAX_M = 16
 # Largest M that the tile kernel takes: beyond it one dequantization plus XLA's dot
-# (near the tensor-core peak) beats the tile kernel's multiply rate.
-TILE_MAX_M = 1024
+# (near the tensor-core peak) beats the tile kernel's multiply rate (they tie at 384).
+TILE_MAX_M = 384
 # Largest M that the decode kernel takes on GPUs without wgmma. Above it the kernel's
 # re-reads of the weight (one pass per 32 rows) cost more than one dequantization
 # plus a tensor-core dot.

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -28,10 +29,12 @@ def test_quickstart():
 
 
 def test_llama_tiny_quantized_agrees():
-    stats = llama.main(["--steps", "6", "--prompt-len", "6", "--batch", "2"])
+    # 64 positions: a random tiny model's logits are nearly flat, so top-1 agreement over
+    # few positions swings with the seed (0.46 to 0.79 over 24); the cosine is the steady signal.
+    stats = llama.main(["--steps", "8", "--prompt-len", "8", "--batch", "4"])
     assert stats["flute_bytes"] < 0.45 * stats["dense_bytes"]  # embed + head stay bf16
-    assert stats["top1_match"] > 0.5 and stats["logit_cosine"] > 0.9
-    np.testing.assert_array_equal(stats["dense_tokens"][:, :6], stats["flute_tokens"][:, :6])  # the prompt
+    assert stats["top1_match"] > 0.5 and stats["logit_cosine"] > 0.98
+    np.testing.assert_array_equal(stats["dense_tokens"][:, :8], stats["flute_tokens"][:, :8])  # the prompt
 
 
 def test_kv_cache_decode_matches_full_pass():
@@ -81,6 +84,74 @@ def test_hf_safetensors_loader(tmp_path, rng):
     assert scaled[0] == plain[0] and np.isclose(scaled[-1], plain[-1] / 8)  # high freq kept, low freq / factor
 
 
+def _reference_logits(tensors: dict, hf: dict, tokens: np.ndarray) -> np.ndarray:
+    """float64 numpy forward pass of a Hugging Face Llama checkpoint (separate q/k/v and
+    gate/up matrices, [out, in] as HF stores them): the model's math written out directly."""
+    g = lambda name: np.asarray(tensors[name], np.float64)  # noqa: E731
+    dim, heads, kv = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"]
+    hd, t, eps = dim // heads, len(tokens), hf["rms_norm_eps"]
+    inv = llama.rope_frequencies(llama.config_from_hf(hf))
+    ang = np.arange(t)[:, None] * inv[None]
+    cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
+
+    def rope(v):  # [T, n, hd], rotate-half
+        a, b = v[..., : hd // 2], v[..., hd // 2:]
+        return np.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
+
+    def rms(v, w):
+        return v / np.sqrt(np.mean(v * v, -1, keepdims=True) + eps) * w
+
+    x = g("model.embed_tokens.weight")[tokens]
+    for i in range(hf["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = rms(x, g(p + "input_layernorm.weight"))
+        q = rope((h @ g(p + "self_attn.q_proj.weight").T).reshape(t, heads, hd))
+        k = rope((h @ g(p + "self_attn.k_proj.weight").T).reshape(t, kv, hd))
+        v = (h @ g(p + "self_attn.v_proj.weight").T).reshape(t, kv, hd)
+        out = np.zeros((t, heads, hd))
+        for head in range(heads):
+            s = q[:, head] @ k[:, head // (heads // kv)].T / np.sqrt(hd)
+            s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+            w = np.exp(s - s.max(-1, keepdims=True))
+            out[:, head] = (w / w.sum(-1, keepdims=True)) @ v[:, head // (heads // kv)]
+        x = x + out.reshape(t, dim) @ g(p + "self_attn.o_proj.weight").T
+        h = rms(x, g(p + "post_attention_layernorm.weight"))
+        gate, up = h @ g(p + "mlp.gate_proj.weight").T, h @ g(p + "mlp.up_proj.weight").T
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ g(p + "mlp.down_proj.weight").T
+    return rms(x, g("model.norm.weight")) @ g("lm_head.weight").T
+
+
+def test_fused_model_matches_hf_reference(tmp_path, rng):
+    """load_hf's fused qkv / gate_up layouts and Block's split of them compute exactly the
+    unfused Hugging Face model (float32 model vs float64 numpy)."""
+    hf = {"vocab_size": 80, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8,
+          "num_key_value_heads": 2, "intermediate_size": 96, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+          "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    # bf16-representable values, so the loader's bf16 copy is exact
+    r = lambda *s: np.asarray(jnp.asarray(rng.standard_normal(s) * 0.2, jnp.bfloat16), np.float32)  # noqa: E731
+    tensors = {"model.embed_tokens.weight": r(80, 64), "model.norm.weight": 1 + r(64), "lm_head.weight": r(80, 64)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        tensors.update({p + "input_layernorm.weight": 1 + r(64), p + "post_attention_layernorm.weight": 1 + r(64),
+                        p + "self_attn.q_proj.weight": r(64, 64), p + "self_attn.k_proj.weight": r(16, 64),
+                        p + "self_attn.v_proj.weight": r(16, 64), p + "self_attn.o_proj.weight": r(64, 64),
+                        p + "mlp.gate_proj.weight": r(96, 64), p + "mlp.up_proj.weight": r(96, 64),
+                        p + "mlp.down_proj.weight": r(64, 96)})
+    tensors = {k: np.asarray(jnp.asarray(v, jnp.bfloat16), np.float32) for k, v in tensors.items()}
+    llama.write_safetensors(str(tmp_path / "model.safetensors"), tensors)
+    cfg, params = llama.load_hf(str(tmp_path))
+    assert params["layers_0"]["qkv"]["kernel"].shape == (64, 2 * (4 + 2) * 8)
+    assert params["layers_0"]["gate_up"]["kernel"].shape == (64, 2 * 96)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    tokens = rng.integers(0, 80, 7).astype(np.int32)
+    cache = llama.init_cache(cfg, 1, len(tokens), jnp.float32)  # float32 KV cache too
+    logits, _ = llama.Llama(cfg, dtype=jnp.float32).apply({"params": params}, jnp.asarray(tokens[None]), cache, 0)
+    logits = np.asarray(logits[0])
+    ref = _reference_logits(tensors, hf, tokens)
+    assert np.max(np.abs(logits - ref)) / np.max(np.abs(ref)) < 1e-4
+
+
 def jax_structure(tree):
     import jax
 
@@ -90,7 +161,8 @@ def jax_structure(tree):
 def test_tp_inference_matches_single_device():
     out = tp_inference.main([])
     assert out["max_rel_diff"] < 1e-5 and out["top1"] == 1.0
-    assert out["up_shard"] == (2, 16, 512) and out["down_shard"] == (1, 32, 512)
+    # gate_up [512, 2048] splits N 4 ways: 32 of 128 N-blocks; down [1024, 512] splits K: 1 of 4 K-blocks
+    assert out["up_shard"] == (2, 32, 512) and out["down_shard"] == (1, 32, 512)
 
 
 @pytest.mark.parametrize("script", ["quickstart.py"])
