@@ -4,11 +4,18 @@
     python examples/llama.py --hf /path/to/Llama-3.2-1B --prompt-ids 128000,791,6864
     python examples/llama.py --config 8b --bench     # decode tokens/s, bf16 vs FLUTE (GPU)
 
+``--bench`` variants: bf16, 4bit-g64, 4bit-g128, 3bit-g64 (lm head bf16) and 4bit-g128-head
+(the lm head quantized too, 4-bit g128), at each of ``--bench-batches`` with the KV cache
+filled to ``--context``.
+
 Model: RMSNorm, rotary embeddings (Hugging Face's rotate-half convention, with Llama 3.1
 frequency scaling when the config has it), grouped-query attention with an explicit KV
 cache, SwiGLU MLP, tied or untied output head. q/k/v run as one fused projection ``qkv``
-and gate/up as one ``gate_up`` (as serving stacks do: in decode every projection is one
-memory-bound call, and small calls cost their fixed latency). Every projection is ``nn.Dense`` (bf16) or,
+(features [kv_heads, group + 2, head_dim]: each KV head's query heads, key, value) and
+gate/up as one ``gate_up`` (features [hidden, 2], gate and up interleaved), as serving stacks
+do: in decode every projection is one memory-bound call, and small calls cost their fixed
+latency. A contiguous tensor-parallel split of the features then gives each device whole
+KV-head groups (when the degree divides kv_heads) and matching gate/up pairs. Every projection is ``nn.Dense`` (bf16) or,
 with ``quant`` set, ``flute_jax.nn.FluteDense`` under the same name, so the bf16 params
 convert with one ``flute_jax.nn.quantize_params`` call. The lm head stays bf16 unless
 ``--quantize-head``. Kernels carry logical axis names (embed, heads, mlp, vocab) that
@@ -304,6 +311,8 @@ def load_hf(directory: str) -> tuple[Config, dict]:
     """A Hugging Face Llama checkpoint directory -> (Config, bf16 params of :class:`Llama`).
 
     HF stores Linear weights as [out, in]; Flax kernels are [in, out], hence the transposes.
+    q/k/v_proj and gate/up_proj go into the fused ``qkv`` and ``gate_up`` kernels in Block's
+    feature orders (built layer by layer in bf16 with numpy).
     """
     with open(os.path.join(directory, "config.json")) as f:
         cfg = config_from_hf(json.load(f))
@@ -319,7 +328,7 @@ def load_hf(directory: str) -> tuple[Config, dict]:
     group, d = cfg.heads // cfg.kv_heads, cfg.head_dim
     for i in range(cfg.layers):
         p = f"model.layers.{i}."
-        t = lambda name: np.asarray(tensors[p + name], np.float32).T  # noqa: E731  [in, out]
+        t = lambda name: np.asarray(tensors[p + name]).astype(jnp.bfloat16, copy=False).T  # noqa: E731  [in, out]
         # the fused layouts of Block: qkv features [kv_heads, group + 2, head_dim], gate_up [hidden, 2]
         qkv = np.concatenate([t("self_attn.q_proj.weight").reshape(cfg.dim, cfg.kv_heads, group, d),
                               t("self_attn.k_proj.weight").reshape(cfg.dim, cfg.kv_heads, 1, d),
@@ -360,7 +369,7 @@ def run_bench(cfg: Config, seed: int, batches=(1, 4, 16), context: int = 512, st
     # (name, quantization, lm head quantized too)
     variants = [("bf16", None, False), ("4bit-g64", dict(bits=4, group_size=64), False),
                 ("4bit-g128", dict(bits=4, group_size=128), False), ("3bit-g64", dict(bits=3, group_size=64), False),
-                ("4bit-g128+head", dict(bits=4, group_size=128), True)]
+                ("4bit-g128-head", dict(bits=4, group_size=128), True)]
     for name, quant, head in variants:
         params = dense if quant is None else quantize(dense, **quant, quantize_head=head)
         model = Llama(cfg, quant=None if quant is None else dict(quant, table="nf"), quantize_head=head)
@@ -391,7 +400,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-ids", help="comma-separated prompt token ids (one sequence)")
     ap.add_argument("--steps", type=int, default=16, help="tokens to generate")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--bench", action="store_true", help="decode tokens/s, bf16 vs 4-bit g64/g128, 3-bit g64 and 4-bit g128 with the lm head quantized too")
+    ap.add_argument("--bench", action="store_true", help="decode tokens/s of bf16, 4bit-g64, 4bit-g128, 3bit-g64 and 4bit-g128-head (lm head quantized too)")
     ap.add_argument("--bench-batches", default="1,4,16")
     ap.add_argument("--context", type=int, default=512)
     args = ap.parse_args(argv)

@@ -143,6 +143,19 @@ def test_fused_model_matches_hf_reference(tmp_path, rng):
     cfg, params = llama.load_hf(str(tmp_path))
     assert params["layers_0"]["qkv"]["kernel"].shape == (64, 2 * (4 + 2) * 8)
     assert params["layers_0"]["gate_up"]["kernel"].shape == (64, 2 * 96)
+    # the documented feature orders: qkv [kv_heads, group + 2, head_dim], gate_up [hidden, 2]
+    group, hd = 4, 8
+    for i in range(2):
+        p = f"model.layers.{i}."
+        qkv = np.asarray(params[f"layers_{i}"]["qkv"]["kernel"], np.float32).reshape(64, 2, group + 2, hd)
+        for j in range(2):  # KV head j: query heads j * group .. (j + 1) * group - 1, key head j, value head j
+            np.testing.assert_array_equal(qkv[:, j, :group].reshape(64, -1),
+                                          tensors[p + "self_attn.q_proj.weight"][j * group * hd:(j + 1) * group * hd].T)
+            np.testing.assert_array_equal(qkv[:, j, group], tensors[p + "self_attn.k_proj.weight"][j * hd:(j + 1) * hd].T)
+            np.testing.assert_array_equal(qkv[:, j, group + 1], tensors[p + "self_attn.v_proj.weight"][j * hd:(j + 1) * hd].T)
+        gate_up = np.asarray(params[f"layers_{i}"]["gate_up"]["kernel"], np.float32).reshape(64, 96, 2)
+        np.testing.assert_array_equal(gate_up[..., 0], tensors[p + "mlp.gate_proj.weight"].T)
+        np.testing.assert_array_equal(gate_up[..., 1], tensors[p + "mlp.up_proj.weight"].T)
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
     tokens = rng.integers(0, 80, 7).astype(np.int32)
     cache = llama.init_cache(cfg, 1, len(tokens), jnp.float32)  # float32 KV cache too
@@ -161,6 +174,9 @@ def jax_structure(tree):
 def test_tp_inference_matches_single_device():
     out = tp_inference.main([])
     assert out["max_rel_diff"] < 1e-5 and out["top1"] == 1.0
+    # the fused qkv / gate_up feature orders keep each device's heads and gate/up pairs local:
+    # the only communication is the all-reduce of each row-parallel layer (o, down)
+    assert out["collectives"] == {"all-reduce": 2 * llama.CONFIGS["tiny"].layers}
     # gate_up [512, 2048] splits N 4 ways: 32 of 128 N-blocks; down [1024, 512] splits K: 1 of 4 K-blocks
     assert out["up_shard"] == (2, 32, 512) and out["down_shard"] == (1, 32, 512)
 
