@@ -6,6 +6,7 @@
 #include <atomic>
 #include <climits>
 
+#include "kernel_attributes.h"
 #include "qgemm_flute.cuh"
 #include "qgemm_flute.h"
 #include "qgemm_wgmma.h"
@@ -44,17 +45,12 @@ cudaError_t WithKernel(int bits, bool bf16, int m_blocks, int flush, Fn&& fn) {
   }
 }
 
-// Raises the kernel's dynamic shared-memory limit. Function attributes belong to
-// a device, so this runs before every launch (cheap host calls, not stream
-// operations: capture-safe), not once per process.
+// Raises the kernel's dynamic shared-memory limit, with all of L1/shared as
+// shared memory so the planned blocks per SM really fit and the persistent grid
+// runs in one wave (once per device and instance).
 template <typename Kernel>
 cudaError_t Prepare(Kernel kernel, int smem) {
-  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (status != cudaSuccess) return status;
-  // All of L1/shared as shared memory, so the planned blocks per SM really fit
-  // and the persistent grid runs in one wave.
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                              cudaSharedmemCarveoutMaxShared);
+  return SetKernelAttributesOnce(reinterpret_cast<const void*>(kernel), smem, /*max_shared_carveout=*/true);
 }
 
 // Blocks of one kernel instance that fit on a multiprocessor, cached per instance.

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <type_traits>
 
+#include "kernel_attributes.h"
 #include "qgemm_wgmma.cuh"
 #include "qgemm_flute.h"
 #include "qgemm_wgmma.h"
@@ -37,11 +38,10 @@ cudaError_t WithTileKernel(int bits, bool bf16, int m_tile, int column_n, Fn&& f
   }
 }
 
-// The dynamic shared-memory limit is a per-device function attribute, so it is
-// set before every launch (a host call, not a stream operation: capture-safe).
+// The dynamic shared-memory limit (once per device and instance).
 template <typename Kernel>
 cudaError_t Prepare(Kernel kernel, int smem) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  return SetKernelAttributesOnce(reinterpret_cast<const void*>(kernel), smem, /*max_shared_carveout=*/false);
 }
 
 }  // namespace

@@ -220,6 +220,26 @@ def make_step(model: Llama):
     return jax.jit(lambda p, tok, cache, pos: model.apply({"params": p}, tok, cache, pos), donate_argnums=(2,))
 
 
+def make_decode_loop(model: Llama, steps: int):
+    """jit-compiled greedy decoding of ``steps`` tokens in one call (a ``lax.scan`` on the device):
+    ``(params, token int32 [B, 1], cache, pos) -> (tokens int32 [B, steps], cache)``; the cache
+    is donated. One host call per ``steps`` tokens instead of one per token, so the host's cost
+    per call (hundreds of argument buffers and kernel launches) does not pace the GPU.
+    """
+
+    def loop(p, token, cache, pos):
+        def body(carry, i):
+            token, cache = carry
+            logits, cache = model.apply({"params": p}, token, cache, pos + i)
+            token = jnp.argmax(logits[:, -1:], -1).astype(jnp.int32)
+            return (token, cache), token[:, 0]
+
+        (_, cache), tokens = jax.lax.scan(body, (token, cache), jnp.arange(steps, dtype=jnp.int32))
+        return tokens.T, cache
+
+    return jax.jit(loop, donate_argnums=(2,))
+
+
 def generate(model: Llama, params, prompt: np.ndarray, steps: int, step=None) -> np.ndarray:
     """Greedy decoding: prompt int32 [B, T] -> [B, T + steps]."""
     step = step or make_step(model)
@@ -348,11 +368,28 @@ def load_hf(directory: str) -> tuple[Config, dict]:
 
 
 # ----------------------------------------------------------------------------- benchmark
-def bench_decode(model: Llama, params, batch: int, context: int, steps: int = 32, warmup: int = 3) -> float:
-    """Decode tokens/s (batch * steps / time) with the KV cache filled to ``context``."""
+def bench_decode(model: Llama, params, batch: int, context: int, steps: int = 32, warmup: int = 3,
+                 loop: bool = False, repeats: int = 3) -> float:
+    """Decode tokens/s (batch * steps / time) with the KV cache filled to ``context``.
+
+    ``loop=False``: one jitted call per token (the host dispatches every step).
+    ``loop=True``: ``steps`` tokens per call (:func:`make_decode_loop`), median of ``repeats``.
+    """
+    token = jnp.zeros((batch, 1), jnp.int32)
+    if loop:
+        run = make_decode_loop(model, steps)
+        cache = init_cache(model.cfg, batch, context + steps)
+        tokens, cache = run(params, token, cache, jnp.int32(context))  # compile and warm up
+        jax.block_until_ready(tokens)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            tokens, cache = run(params, token, cache, jnp.int32(context))
+            jax.block_until_ready(tokens)
+            times.append(time.perf_counter() - start)
+        return batch * steps / float(np.median(times))
     step = make_step(model)
     cache = init_cache(model.cfg, batch, context + steps + warmup)
-    token = jnp.zeros((batch, 1), jnp.int32)
     for i in range(warmup):
         logits, cache = step(params, token, cache, jnp.int32(context + i))
     jax.block_until_ready(logits)
@@ -363,7 +400,10 @@ def bench_decode(model: Llama, params, batch: int, context: int, steps: int = 32
     return batch * steps / (time.perf_counter() - start)
 
 
-def run_bench(cfg: Config, seed: int, batches=(1, 4, 16), context: int = 512, steps: int = 32) -> list[dict]:
+def run_bench(cfg: Config, seed: int, batches=(1, 4, 16), context: int = 512, steps: int = 32,
+              modes=("step", "loop")) -> list[dict]:
+    """tokens/s of every variant at every batch size, per mode ("step": a host call per token,
+    "loop": ``steps`` tokens per call), with the speed-up over bf16 in the same mode."""
     dense = nn.meta.unbox(random_params(cfg, seed))
     rows = []
     # (name, quantization, lm head quantized too)
@@ -373,15 +413,16 @@ def run_bench(cfg: Config, seed: int, batches=(1, 4, 16), context: int = 512, st
     for name, quant, head in variants:
         params = dense if quant is None else quantize(dense, **quant, quantize_head=head)
         model = Llama(cfg, quant=None if quant is None else dict(quant, table="nf"), quantize_head=head)
-        for batch in batches:
-            tps = bench_decode(model, params, batch, context, steps)
-            rows.append({"variant": name, "batch": batch, "context": context, "tokens_per_s": tps})
-            print(f"{name:14s} batch {batch:3d} context {context}: {tps:9.1f} tokens/s", flush=True)
+        for mode in modes:
+            for batch in batches:
+                tps = bench_decode(model, params, batch, context, steps, loop=mode == "loop")
+                rows.append({"variant": name, "mode": mode, "batch": batch, "context": context, "tokens_per_s": tps})
+                print(f"{name:14s} {mode:4s} batch {batch:3d} context {context}: {tps:9.1f} tokens/s", flush=True)
         if quant is not None:
             del params
-    base = {r["batch"]: r["tokens_per_s"] for r in rows if r["variant"] == "bf16"}
+    base = {(r["mode"], r["batch"]): r["tokens_per_s"] for r in rows if r["variant"] == "bf16"}
     for r in rows:
-        r["speedup_vs_bf16"] = r["tokens_per_s"] / base[r["batch"]]
+        r["speedup_vs_bf16"] = r["tokens_per_s"] / base[(r["mode"], r["batch"])]
     print(json.dumps(rows, indent=1))
     return rows
 
@@ -403,6 +444,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--bench", action="store_true", help="decode tokens/s of bf16, 4bit-g64, 4bit-g128, 3bit-g64 and 4bit-g128-head (lm head quantized too)")
     ap.add_argument("--bench-batches", default="1,4,16")
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--bench-modes", default="step,loop",
+                    help="step: one host call per token; loop: 32 tokens per call (lax.scan on the device)")
     args = ap.parse_args(argv)
 
     if args.hf:
@@ -410,7 +453,8 @@ def main(argv=None) -> dict:
     else:
         cfg = CONFIGS[args.config]
         if args.bench:
-            return {"bench": run_bench(cfg, args.seed, tuple(int(b) for b in args.bench_batches.split(",")), args.context)}
+            return {"bench": run_bench(cfg, args.seed, tuple(int(b) for b in args.bench_batches.split(",")), args.context,
+                                      modes=tuple(args.bench_modes.split(",")))}
         dense = nn.meta.unbox(random_params(cfg, args.seed))
     quant = dict(bits=args.bits, group_size=args.group_size, table=args.table)
     qparams = quantize(dense, args.bits, args.group_size, args.table, args.quantize_head)

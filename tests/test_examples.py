@@ -47,6 +47,24 @@ def test_kv_cache_decode_matches_full_pass():
     np.testing.assert_array_equal(full[0, 2:-1].argmax(-1), tokens[0, 3:])
 
 
+def test_decode_loop_matches_step_by_step():
+    # the on-device scan of the benchmark generates what per-token calls generate (quantized model)
+    cfg = llama.CONFIGS["tiny"]
+    dense = nn.meta.unbox(llama.random_params(cfg, seed=5))
+    params = llama.quantize(dense, bits=4, group_size=64)
+    model = llama.Llama(cfg, quant=dict(bits=4, group_size=64, table="nf"))
+    prompt = np.array([[7, 3, 9], [1, 2, 4]], np.int32)
+    tokens = llama.generate(model, params, prompt, 6)
+    step = llama.make_step(model)
+    cache = llama.init_cache(cfg, 2, 9)
+    logits, cache = step(params, jnp.asarray(prompt), cache, jnp.int32(0))
+    first = jnp.argmax(logits[:, -1:], -1).astype(jnp.int32)
+    looped, _ = llama.make_decode_loop(model, 5)(params, first, cache, jnp.int32(3))
+    np.testing.assert_array_equal(np.asarray(first)[:, 0], tokens[:, 3])
+    np.testing.assert_array_equal(np.asarray(looped), tokens[:, 4:])
+    assert llama.bench_decode(model, params, 1, context=4, steps=2, loop=True, repeats=1) > 0
+
+
 def test_hf_safetensors_loader(tmp_path, rng):
     hf = {"vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "intermediate_size": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,

@@ -1,0 +1,111 @@
+"""Where a decode step's device time goes: kernels of the Llama example, by kind.
+
+    python tools/profile_step.py --config 8b --batch 1 --context 512 \
+        --variants bf16,4bit-g128,4bit-g128-head
+
+For each variant: wall time per step, host time to enqueue a step, device-busy time per step (sum of kernel
+durations), the gap between them (launch and dependency latency the device sits
+idle), and the device time per kernel kind (FLUTE qgemm, memset, XLA gemm
+fusions, other fusions), with the longest kernels. GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+import llama  # noqa: E402
+
+from flute_jax.bench import trace  # noqa: E402
+
+VARIANTS = {
+    "bf16": (None, False),
+    "4bit-g64": (dict(bits=4, group_size=64), False),
+    "4bit-g128": (dict(bits=4, group_size=128), False),
+    "3bit-g64": (dict(bits=3, group_size=64), False),
+    "4bit-g128-head": (dict(bits=4, group_size=128), True),
+}
+
+
+def kind_of(name: str) -> str:
+    """A kernel's kind from its (demangled) name."""
+    if "Flute" in name or "flute" in name:
+        return "flute " + ("tile" if "Tile" in name else "dequant" if "Dequant" in name else "decode")
+    if name.startswith("Memset") or "memset" in name.lower():
+        return "memset"
+    if name.startswith("Memcpy"):
+        return "memcpy"
+    if "gemm" in name or "dot" in name or "cublas" in name.lower() or "nvjet" in name:
+        return "xla gemm"
+    return "other"
+
+
+def profile(model: llama.Llama, params, batch: int, context: int, steps: int) -> dict:
+    step = llama.make_step(model)
+    cache = llama.init_cache(model.cfg, batch, context + steps + 4)
+    token = jnp.zeros((batch, 1), jnp.int32)
+    for i in range(3):
+        logits, cache = step(params, token, cache, jnp.int32(context + i))
+    jax.block_until_ready(logits)
+    start = time.perf_counter()
+    for i in range(steps):
+        logits, cache = step(params, token, cache, jnp.int32(context + 3 + i))
+    dispatch = (time.perf_counter() - start) / steps  # host time to enqueue a step
+    jax.block_until_ready(logits)
+    wall = (time.perf_counter() - start) / steps
+    with tempfile.TemporaryDirectory() as log_dir:
+        with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+            for i in range(steps):
+                logits, cache = step(params, token, cache, jnp.int32(context + 3 + i))
+            jax.block_until_ready(logits)
+        events = trace.device_events(trace.load_events(trace.find_trace_file(log_dir))).events
+    by_kind = collections.defaultdict(lambda: [0.0, 0])
+    by_name = collections.defaultdict(lambda: [0.0, 0])
+    for e in events:
+        dur = float(e.get("dur", 0.0))
+        by_kind[kind_of(e["name"])][0] += dur / steps
+        by_kind[kind_of(e["name"])][1] += 1
+        by_name[e["name"]][0] += dur / steps
+        by_name[e["name"]][1] += 1
+    span = (float(events[-1]["ts"]) + float(events[-1]["dur"]) - float(events[0]["ts"])) / steps
+    return {"wall_us": wall * 1e6, "dispatch_us": dispatch * 1e6, "busy_us": sum(v[0] for v in by_kind.values()), "span_us": span,
+            "kernels_per_step": len(events) / steps, "by_kind": dict(by_kind), "by_name": dict(by_name)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="8b", choices=sorted(llama.CONFIGS))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--variants", default="bf16,4bit-g128,4bit-g128-head")
+    ap.add_argument("--top", type=int, default=12, help="longest kernels to list per variant")
+    args = ap.parse_args(argv)
+    cfg = llama.CONFIGS[args.config]
+    dense = nn.meta.unbox(llama.random_params(cfg, 0))
+    for name in args.variants.split(","):
+        quant, head = VARIANTS[name]
+        params = dense if quant is None else llama.quantize(dense, **quant, quantize_head=head)
+        model = llama.Llama(cfg, quant=None if quant is None else dict(quant, table="nf"), quantize_head=head)
+        r = profile(model, params, args.batch, args.context, args.steps)
+        print(f"== {name} batch {args.batch}: wall {r['wall_us']:.0f} us/step ({args.batch * 1e6 / r['wall_us']:.1f} tok/s), "
+              f"host enqueue {r['dispatch_us']:.0f} us, device busy {r['busy_us']:.0f} us, span {r['span_us']:.0f} us, {r['kernels_per_step']:.0f} kernels/step")
+        for kind, (us, count) in sorted(r["by_kind"].items(), key=lambda kv: -kv[1][0]):
+            print(f"   {kind:14s} {us:8.1f} us/step  {count / args.steps:6.0f} kernels/step  {us / max(count / args.steps, 1):7.2f} us each")
+        for kname, (us, count) in sorted(r["by_name"].items(), key=lambda kv: -kv[1][0])[: args.top]:
+            print(f"     {us:8.1f} us  x{count / args.steps:4.0f}  {kname[:110]}")
+        if quant is not None:
+            del params
+
+
+if __name__ == "__main__":
+    main()
