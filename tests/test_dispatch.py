@@ -93,3 +93,14 @@ def test_forced_kernel_reaches_the_custom_call(rng, monkeypatch, forced):
     x = jax.ShapeDtypeStruct((300, 512), jnp.bfloat16)
     text = jax.jit(fj.qgemm).trace(x, qw).lower(lowering_platforms=("cuda",)).as_text()
     assert f"kernel = {int(forced == 'wgmma')} : i64" in text
+
+
+def test_cuda_targets_register_command_buffer_compatible(monkeypatch):
+    # XLA takes a target's traits from the registration call: without the trait every qgemm
+    # would split XLA's CUDA graphs (tests/test_gpu_graph.py runs them inside graphs).
+    from jaxlib import xla_client
+
+    assert _ffi._command_buffer_traits() == {"traits": xla_client.CustomCallTargetTraits.COMMAND_BUFFER_COMPATIBLE}
+    # and a jaxlib without the enum registers without it instead of failing
+    monkeypatch.delattr(xla_client, "CustomCallTargetTraits")
+    assert _ffi._command_buffer_traits() == {}
