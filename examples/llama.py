@@ -400,26 +400,37 @@ def bench_decode(model: Llama, params, batch: int, context: int, steps: int = 32
     return batch * steps / (time.perf_counter() - start)
 
 
+# name -> (quantization, lm head quantized too)
+BENCH_VARIANTS = {
+    "bf16": (None, False),
+    "4bit-g64": (dict(bits=4, group_size=64), False),
+    "4bit-g128": (dict(bits=4, group_size=128), False),
+    "3bit-g64": (dict(bits=3, group_size=64), False),
+    "4bit-g128-head": (dict(bits=4, group_size=128), True),
+}
+
+
+def bench_variant(cfg: Config, dense: dict, name: str) -> tuple[Llama, dict]:
+    """The model and params of benchmark variant ``name`` (NF table), from the bf16 params."""
+    quant, head = BENCH_VARIANTS[name]
+    params = dense if quant is None else quantize(dense, **quant, quantize_head=head)
+    return Llama(cfg, quant=None if quant is None else dict(quant, table="nf"), quantize_head=head), params
+
+
 def run_bench(cfg: Config, seed: int, batches=(1, 4, 16), context: int = 512, steps: int = 32,
               modes=("step", "loop")) -> list[dict]:
     """tokens/s of every variant at every batch size, per mode ("step": a host call per token,
     "loop": ``steps`` tokens per call), with the speed-up over bf16 in the same mode."""
     dense = nn.meta.unbox(random_params(cfg, seed))
     rows = []
-    # (name, quantization, lm head quantized too)
-    variants = [("bf16", None, False), ("4bit-g64", dict(bits=4, group_size=64), False),
-                ("4bit-g128", dict(bits=4, group_size=128), False), ("3bit-g64", dict(bits=3, group_size=64), False),
-                ("4bit-g128-head", dict(bits=4, group_size=128), True)]
-    for name, quant, head in variants:
-        params = dense if quant is None else quantize(dense, **quant, quantize_head=head)
-        model = Llama(cfg, quant=None if quant is None else dict(quant, table="nf"), quantize_head=head)
+    for name in BENCH_VARIANTS:
+        model, params = bench_variant(cfg, dense, name)
         for mode in modes:
             for batch in batches:
                 tps = bench_decode(model, params, batch, context, steps, loop=mode == "loop")
                 rows.append({"variant": name, "mode": mode, "batch": batch, "context": context, "tokens_per_s": tps})
                 print(f"{name:14s} {mode:4s} batch {batch:3d} context {context}: {tps:9.1f} tokens/s", flush=True)
-        if quant is not None:
-            del params
+        del params  # free a quantized copy before the next variant is made
     base = {(r["mode"], r["batch"]): r["tokens_per_s"] for r in rows if r["variant"] == "bf16"}
     for r in rows:
         r["speedup_vs_bf16"] = r["tokens_per_s"] / base[(r["mode"], r["batch"])]

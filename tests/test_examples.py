@@ -65,6 +65,19 @@ def test_decode_loop_matches_step_by_step():
     assert llama.bench_decode(model, params, 1, context=4, steps=2, loop=True, repeats=1) > 0
 
 
+def hf_llama_tensors(r, vocab: int, dim: int, kv_dim: int, hidden: int, layers: int = 2) -> dict:
+    """A Hugging Face Llama checkpoint's tensors ([out, in] Linear weights), drawn with ``r(*shape)``."""
+    tensors = {"model.embed_tokens.weight": r(vocab, dim), "model.norm.weight": 1 + r(dim), "lm_head.weight": r(vocab, dim)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors.update({p + "input_layernorm.weight": 1 + r(dim), p + "post_attention_layernorm.weight": 1 + r(dim),
+                        p + "self_attn.q_proj.weight": r(dim, dim), p + "self_attn.k_proj.weight": r(kv_dim, dim),
+                        p + "self_attn.v_proj.weight": r(kv_dim, dim), p + "self_attn.o_proj.weight": r(dim, dim),
+                        p + "mlp.gate_proj.weight": r(hidden, dim), p + "mlp.up_proj.weight": r(hidden, dim),
+                        p + "mlp.down_proj.weight": r(dim, hidden)})
+    return tensors
+
+
 def test_hf_safetensors_loader(tmp_path, rng):
     hf = {"vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "intermediate_size": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
@@ -73,14 +86,7 @@ def test_hf_safetensors_loader(tmp_path, rng):
                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
     (tmp_path / "config.json").write_text(json.dumps(hf))
     r = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.1  # noqa: E731
-    tensors = {"model.embed_tokens.weight": r(96, 64), "model.norm.weight": 1 + r(64), "lm_head.weight": r(96, 64)}
-    for i in range(2):
-        p = f"model.layers.{i}."
-        tensors.update({p + "input_layernorm.weight": 1 + r(64), p + "post_attention_layernorm.weight": 1 + r(64),
-                        p + "self_attn.q_proj.weight": r(64, 64), p + "self_attn.k_proj.weight": r(32, 64),
-                        p + "self_attn.v_proj.weight": r(32, 64), p + "self_attn.o_proj.weight": r(64, 64),
-                        p + "mlp.gate_proj.weight": r(128, 64), p + "mlp.up_proj.weight": r(128, 64),
-                        p + "mlp.down_proj.weight": r(64, 128)})
+    tensors = hf_llama_tensors(r, vocab=96, dim=64, kv_dim=32, hidden=128)
     # two shards, one in bf16, as HF writes big checkpoints
     names = sorted(tensors)
     llama.write_safetensors(str(tmp_path / "model-00001.safetensors"), {n: tensors[n] for n in names[:9]})
@@ -148,14 +154,7 @@ def test_fused_model_matches_hf_reference(tmp_path, rng):
     (tmp_path / "config.json").write_text(json.dumps(hf))
     # bf16-representable values, so the loader's bf16 copy is exact
     r = lambda *s: np.asarray(jnp.asarray(rng.standard_normal(s) * 0.2, jnp.bfloat16), np.float32)  # noqa: E731
-    tensors = {"model.embed_tokens.weight": r(80, 64), "model.norm.weight": 1 + r(64), "lm_head.weight": r(80, 64)}
-    for i in range(2):
-        p = f"model.layers.{i}."
-        tensors.update({p + "input_layernorm.weight": 1 + r(64), p + "post_attention_layernorm.weight": 1 + r(64),
-                        p + "self_attn.q_proj.weight": r(64, 64), p + "self_attn.k_proj.weight": r(16, 64),
-                        p + "self_attn.v_proj.weight": r(16, 64), p + "self_attn.o_proj.weight": r(64, 64),
-                        p + "mlp.gate_proj.weight": r(96, 64), p + "mlp.up_proj.weight": r(96, 64),
-                        p + "mlp.down_proj.weight": r(64, 96)})
+    tensors = hf_llama_tensors(r, vocab=80, dim=64, kv_dim=16, hidden=96)
     tensors = {k: np.asarray(jnp.asarray(v, jnp.bfloat16), np.float32) for k, v in tensors.items()}
     llama.write_safetensors(str(tmp_path / "model.safetensors"), tensors)
     cfg, params = llama.load_hf(str(tmp_path))

@@ -27,15 +27,6 @@ import llama  # noqa: E402
 
 from flute_jax.bench import trace  # noqa: E402
 
-VARIANTS = {
-    "bf16": (None, False),
-    "4bit-g64": (dict(bits=4, group_size=64), False),
-    "4bit-g128": (dict(bits=4, group_size=128), False),
-    "3bit-g64": (dict(bits=3, group_size=64), False),
-    "4bit-g128-head": (dict(bits=4, group_size=128), True),
-}
-
-
 def kind_of(name: str) -> str:
     """A kernel's kind from its (demangled) name."""
     if "Flute" in name or "flute" in name:
@@ -93,9 +84,7 @@ def main(argv=None) -> None:
     cfg = llama.CONFIGS[args.config]
     dense = nn.meta.unbox(llama.random_params(cfg, 0))
     for name in args.variants.split(","):
-        quant, head = VARIANTS[name]
-        params = dense if quant is None else llama.quantize(dense, **quant, quantize_head=head)
-        model = llama.Llama(cfg, quant=None if quant is None else dict(quant, table="nf"), quantize_head=head)
+        model, params = llama.bench_variant(cfg, dense, name)
         r = profile(model, params, args.batch, args.context, args.steps)
         print(f"== {name} batch {args.batch}: wall {r['wall_us']:.0f} us/step ({args.batch * 1e6 / r['wall_us']:.1f} tok/s), "
               f"host enqueue {r['dispatch_us']:.0f} us, device busy {r['busy_us']:.0f} us, span {r['span_us']:.0f} us, {r['kernels_per_step']:.0f} kernels/step")
@@ -103,8 +92,7 @@ def main(argv=None) -> None:
             print(f"   {kind:14s} {us:8.1f} us/step  {count / args.steps:6.0f} kernels/step  {us / max(count / args.steps, 1):7.2f} us each")
         for kname, (us, count) in sorted(r["by_name"].items(), key=lambda kv: -kv[1][0])[: args.top]:
             print(f"     {us:8.1f} us  x{count / args.steps:4.0f}  {kname[:110]}")
-        if quant is not None:
-            del params
+        del params
 
 
 if __name__ == "__main__":
