@@ -27,6 +27,7 @@ import llama  # noqa: E402
 
 from flute_jax.bench import trace  # noqa: E402
 
+
 def kind_of(name: str) -> str:
     """A kernel's kind from its (demangled) name."""
     if "Flute" in name or "flute" in name:
@@ -62,11 +63,10 @@ def profile(model: llama.Llama, params, batch: int, context: int, steps: int) ->
     by_kind = collections.defaultdict(lambda: [0.0, 0])
     by_name = collections.defaultdict(lambda: [0.0, 0])
     for e in events:
-        dur = float(e.get("dur", 0.0))
-        by_kind[kind_of(e["name"])][0] += dur / steps
-        by_kind[kind_of(e["name"])][1] += 1
-        by_name[e["name"]][0] += dur / steps
-        by_name[e["name"]][1] += 1
+        dur = float(e.get("dur", 0.0)) / steps
+        for table, key in ((by_kind, kind_of(e["name"])), (by_name, e["name"])):
+            table[key][0] += dur
+            table[key][1] += 1
     span = (float(events[-1]["ts"]) + float(events[-1]["dur"]) - float(events[0]["ts"])) / steps
     return {"wall_us": wall * 1e6, "dispatch_us": dispatch * 1e6, "busy_us": sum(v[0] for v in by_kind.values()), "span_us": span,
             "kernels_per_step": len(events) / steps, "by_kind": dict(by_kind), "by_name": dict(by_name)}
