@@ -207,6 +207,38 @@ def random_params(cfg: Config, seed: int = 0, dtype=jnp.bfloat16) -> dict:
     return jax.jit(model.init)(jax.random.key(seed), tokens, init_cache(cfg, 1, 1), 0)["params"]
 
 
+def init_params(cfg: Config, seed: int = 0, quant: Optional[dict] = None, quantize_head: bool = False,
+                dtype=jnp.bfloat16, mesh: Optional[jax.sharding.Mesh] = None, rules: tuple = ()) -> dict:
+    """Random (unboxed) params of ``Llama(cfg, quant, quantize_head, dtype)``, made a layer at a time.
+
+    The same tree as ``Llama.init`` gives, but each decoder layer is one call of a single
+    compiled init program (with its own key), so a 70B-shaped model is never held in full
+    precision at once: a FluteDense layer quantizes its kernel inside the program that draws
+    it. With ``mesh``, every leaf is created where the logical axis ``rules`` put it (the
+    program's output shardings), so each device only ever holds its own shards.
+    """
+    key = jax.random.key(seed)
+
+    def init_program(module: nn.Module, *args):
+        def init(k):
+            return module.init(k, *args)["params"]
+
+        shardings = None
+        if mesh is not None:
+            specs = nn.get_partition_spec(jax.eval_shape(init, key))
+            shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+        return jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)
+
+    # embedding, final norm and head: the model with no decoder layers
+    outer = Llama(dataclasses.replace(cfg, layers=0), quant, quantize_head, dtype)
+    params = dict(init_program(outer, jnp.zeros((1, 1), jnp.int32), (), 0)(jax.random.fold_in(key, cfg.layers)))
+    layer_cache = (jnp.zeros((1, 1, cfg.kv_heads, cfg.head_dim), dtype),) * 2
+    block = init_program(Block(cfg, quant, dtype), jnp.zeros((1, 1, cfg.dim), dtype), layer_cache, 0)
+    for i in range(cfg.layers):
+        params[f"layers_{i}"] = block(jax.random.fold_in(key, i))
+    return params
+
+
 def quantize(params: dict, bits: int, group_size: int, table: str = "nf", quantize_head: bool = False,
              dtype=jnp.bfloat16) -> dict:
     """The dense model's params -> the FLUTE model's (lm_head and embedding stay bf16 by default)."""
@@ -369,16 +401,19 @@ def load_hf(directory: str) -> tuple[Config, dict]:
 
 # ----------------------------------------------------------------------------- benchmark
 def bench_decode(model: Llama, params, batch: int, context: int, steps: int = 32, warmup: int = 3,
-                 loop: bool = False, repeats: int = 3) -> float:
+                 loop: bool = False, repeats: int = 3, place=None) -> float:
     """Decode tokens/s (batch * steps / time) with the KV cache filled to ``context``.
 
     ``loop=False``: one jitted call per token (the host dispatches every step).
     ``loop=True``: ``steps`` tokens per call (:func:`make_decode_loop`), median of ``repeats``.
+    ``place``: puts the token batch and the cache where the params' program wants them
+    (e.g. sharded over a mesh; tp_inference.py); default: the default device.
     """
-    token = jnp.zeros((batch, 1), jnp.int32)
+    place = place or (lambda tree: tree)
+    token = place(jnp.zeros((batch, 1), jnp.int32))
     if loop:
         run = make_decode_loop(model, steps)
-        cache = init_cache(model.cfg, batch, context + steps)
+        cache = place(init_cache(model.cfg, batch, context + steps, model.dtype))
         tokens, cache = run(params, token, cache, jnp.int32(context))  # compile and warm up
         jax.block_until_ready(tokens)
         times = []
@@ -389,7 +424,7 @@ def bench_decode(model: Llama, params, batch: int, context: int, steps: int = 32
             times.append(time.perf_counter() - start)
         return batch * steps / float(np.median(times))
     step = make_step(model)
-    cache = init_cache(model.cfg, batch, context + steps + warmup)
+    cache = place(init_cache(model.cfg, batch, context + steps + warmup, model.dtype))
     for i in range(warmup):
         logits, cache = step(params, token, cache, jnp.int32(context + i))
     jax.block_until_ready(logits)

@@ -198,6 +198,39 @@ def test_tp_inference_matches_single_device():
     assert out["up_shard"] == (2, 32, 512) and out["down_shard"] == (1, 32, 512)
 
 
+def test_init_params_layer_by_layer():
+    # the same tree (structure, shapes, dtypes) as Llama.init, quantized inside the init program,
+    # every leaf where the logical rules put it, and fresh random values per layer
+    cfg = llama.CONFIGS["tiny"]
+    quant = dict(bits=3, group_size=128, table="nf")
+    model = llama.Llama(cfg, quant=quant)
+    reference = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32),
+                                                                llama.init_cache(cfg, 1, 1), 0)["params"]))
+    mesh = tp_inference.make_mesh(jax.devices("cpu"), 2, 4)
+    params = llama.init_params(cfg, 7, quant, mesh=mesh, rules=tp_inference.RULES)
+    assert jax_structure(params) == jax_structure(reference)
+    qkv0, qkv1 = params["layers_0"]["qkv"]["kernel"], params["layers_1"]["qkv"]["kernel"]
+    assert isinstance(qkv0, fj.QuantizedWeight) and (qkv0.bits, qkv0.group_size) == (3, 128)
+    assert not np.array_equal(np.asarray(qkv0.codes), np.asarray(qkv1.codes))
+    assert params["layers_0"]["down"]["kernel"].codes.sharding.spec == jax.sharding.PartitionSpec("model", None, None)
+    assert qkv0.codes.sharding.spec == jax.sharding.PartitionSpec(None, "model", None)
+    tp_inference.check_shard_specs(params, mesh)
+    # the quantized layer is the quantization of what its kernel_init drew: dequantized, it is
+    # close to a lecun-normal kernel (std 1/sqrt(fan_in)), not to zeros or a constant
+    w = np.asarray(fj.dequantize(params["layers_0"]["gate_up"]["kernel"], jnp.float32))
+    assert abs(w.std() * np.sqrt(cfg.dim) - 1) < 0.1
+
+
+def test_tp_inference_bench_runs():
+    # the GPU benchmark's code path (tokens/s at TP 1 and 2, quantized and bf16) on simulated CPUs
+    out = tp_inference.main(["--tp", "2", "--data", "1", "--no-check", "--bench", "--bench-tp", "1,2",
+                             "--bench-batches", "2", "--context", "4", "--bench-steps", "2"])
+    rows = {(r["variant"], r["tp"]): r for r in out["bench"]}
+    assert set(rows) == {("4bit-g64", 1), ("4bit-g64", 2), ("bf16", 1), ("bf16", 2)}
+    assert all(r["tokens_per_s"] > 0 and r["batch"] == 2 for r in rows.values())
+    assert rows[("bf16", 2)]["speedup_vs_bf16"] == 1.0 and rows[("4bit-g64", 2)]["speedup_vs_bf16"] > 0
+
+
 @pytest.mark.parametrize("script", ["quickstart.py"])
 def test_runs_as_a_script(script):
     done = subprocess.run([sys.executable, os.path.join(EXAMPLES, script)], capture_output=True, text=True, timeout=300)
