@@ -37,7 +37,7 @@ struct Params {
   const void* table;      // [2**bits]
   void* y;                // [M, N] (this launch's rows)
   float* partials;        // [2 * grid][m_tile][column features] Stream-K partial sums
-  int* counters;          // [columns] arrivals per split column (zeroed before launch)
+  int* counters;          // [columns] arrivals per split column (zeroed by the launch before)
   int m, k, n;            // rows (decode kernel: this launch's, <= its m_tile; tile kernel: all), K, N
   int n_blocks, k_units, columns;  // columns: of output features (the tile kernel's Stream-K
                                    // column cc covers x tile cc / columns, feature column cc % columns)
@@ -240,7 +240,13 @@ __device__ __forceinline__ void FinishColumn(const Params& p, int cc, int c, T* 
   // 0's release (the pattern of CUTLASS's split-K semaphore); the last arriver's
   // acquire, then the barrier, order the reads of all parts.
   ptx::NamedBarrier(kConsumerBarrier, kConsumers);
-  if (tid == 0) *s_is_last = ptx::AtomicAddAcqRel(&p.counters[cc], 1) == last_block - first_block;
+  if (tid == 0) {
+    // The counters are zeroed by the kernel launched just before this one, which
+    // lets this grid start early (programmatic dependent launch, sm_90): wait for it
+    // here, at the first use of a counter, not at the start.
+    ptx::GridDependencyWait();
+    *s_is_last = ptx::AtomicAddAcqRel(&p.counters[cc], 1) == last_block - first_block;
+  }
   ptx::NamedBarrier(kConsumerBarrier, kConsumers);
   if (!*s_is_last) return;
   // Every part has landed: sum them in block order (deterministic), up to four

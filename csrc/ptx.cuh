@@ -80,6 +80,23 @@ __device__ __forceinline__ int AtomicAddAcqRel(int* addr, int v) {
   return old;
 }
 
+// Programmatic dependent launch (sm_90; no-ops on earlier architectures, where
+// the host never launches a kernel as a programmatic dependent).
+// GridDependencyWait: wait until the grids this one was launched after have
+// completed and their memory writes are visible. LaunchDependents: let the grid
+// launched after this one start now (it still waits for this grid's completion
+// in its own GridDependencyWait before it reads what this grid writes).
+__device__ __forceinline__ void GridDependencyWait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void LaunchDependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], uint32_t smem) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])

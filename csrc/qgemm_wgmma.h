@@ -13,8 +13,13 @@ struct Params;
 // columns) that fit on a multiprocessor of the current device; 0 when it cannot run.
 int FluteTileBlocksPerSm(int bits, bool bf16, int m_tile, int column_n);
 
-// Launches the tile kernel on `grid` blocks.
+// Zeroes `count` Stream-K counters before the next launch on `stream`: a memset,
+// or, with `dependent` (that launch is a programmatic dependent, sm_90), a small
+// kernel that lets it start at once (qgemm_flute.cu).
+cudaError_t ZeroCountersBefore(cudaStream_t stream, int* counters, int count, bool dependent);
+
+// Zeroes the `counters` Stream-K counters and launches the tile kernel on `grid` blocks.
 cudaError_t LaunchFluteTile(cudaStream_t stream, int bits, bool bf16, int m_tile, int column_n, int grid,
-                            const flute::Params& p);
+                            int counters, const flute::Params& p);
 
 }  // namespace flute_jax

@@ -453,12 +453,12 @@ def bench_variant(cfg: Config, dense: dict, name: str) -> tuple[Llama, dict]:
 
 
 def run_bench(cfg: Config, seed: int, batches=(1, 4, 16), context: int = 512, steps: int = 32,
-              modes=("step", "loop")) -> list[dict]:
+              modes=("step", "loop"), variants=tuple(BENCH_VARIANTS)) -> list[dict]:
     """tokens/s of every variant at every batch size, per mode ("step": a host call per token,
     "loop": ``steps`` tokens per call), with the speed-up over bf16 in the same mode."""
     dense = nn.meta.unbox(random_params(cfg, seed))
     rows = []
-    for name in BENCH_VARIANTS:
+    for name in variants:
         model, params = bench_variant(cfg, dense, name)
         for mode in modes:
             for batch in batches:
@@ -468,7 +468,7 @@ def run_bench(cfg: Config, seed: int, batches=(1, 4, 16), context: int = 512, st
         del params  # free a quantized copy before the next variant is made
     base = {(r["mode"], r["batch"]): r["tokens_per_s"] for r in rows if r["variant"] == "bf16"}
     for r in rows:
-        r["speedup_vs_bf16"] = r["tokens_per_s"] / base[(r["mode"], r["batch"])]
+        r["speedup_vs_bf16"] = r["tokens_per_s"] / base[(r["mode"], r["batch"])] if base else None
     print(json.dumps(rows, indent=1))
     return rows
 
@@ -489,6 +489,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bench", action="store_true", help="decode tokens/s of bf16, 4bit-g64, 4bit-g128, 3bit-g64 and 4bit-g128-head (lm head quantized too)")
     ap.add_argument("--bench-batches", default="1,4,16")
+    ap.add_argument("--bench-variants", default=",".join(BENCH_VARIANTS), help="a comma-separated subset of " + ", ".join(BENCH_VARIANTS))
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--bench-modes", default="step,loop",
                     help="step: one host call per token; loop: 32 tokens per call (lax.scan on the device)")
@@ -500,7 +501,8 @@ def main(argv=None) -> dict:
         cfg = CONFIGS[args.config]
         if args.bench:
             return {"bench": run_bench(cfg, args.seed, tuple(int(b) for b in args.bench_batches.split(",")), args.context,
-                                      modes=tuple(args.bench_modes.split(",")))}
+                                      modes=tuple(args.bench_modes.split(",")),
+                                      variants=tuple(args.bench_variants.split(",")))}
         dense = nn.meta.unbox(random_params(cfg, args.seed))
     quant = dict(bits=args.bits, group_size=args.group_size, table=args.table)
     qparams = quantize(dense, args.bits, args.group_size, args.table, args.quantize_head)

@@ -141,6 +141,29 @@ def test_split_calls_sums_stream_kernels_per_call(rng):
     assert t.mean_us == pytest.approx(durs.sum() / 5)
 
 
+def test_split_calls_counts_overlapping_kernels_once(rng):
+    # a programmatic dependent launch starts before the kernel ahead of it ends: a call's
+    # device time is the time the device was busy with it, not the sum of the durations
+    events, busy = [], []
+    for c in range(3):
+        t0 = 1000.0 * c + rng.uniform(0, 5)
+        zero, main = rng.uniform(1, 2), rng.uniform(5, 9)
+        start = t0 + rng.uniform(0.2, 0.8) * zero  # starts while the small kernel runs
+        events += [{"ph": "X", "pid": 1, "tid": 7, "ts": t0, "dur": zero, "name": "ZeroCounters"},
+                   {"ph": "X", "pid": 1, "tid": 7, "ts": start, "dur": main, "name": "FluteQgemm"},
+                   {"ph": "X", "pid": 1, "tid": 7, "ts": t0 + 50, "dur": 2.0, "name": "later"}]
+        busy.append(start + main - t0 + 2.0)
+    rng.shuffle(events)
+    t = trace.split_calls(sorted(events, key=lambda e: e["ts"]), 3)
+    assert t.grouping == "per-call"
+    np.testing.assert_allclose(t.per_call_us, busy)
+    assert t.mean_us == pytest.approx(sum(busy) / 3)
+    # nested, overlapping and disjoint intervals, in any order
+    assert trace.busy_us([{"ts": 12.0, "dur": 1.0}, {"ts": 0.0, "dur": 10.0}, {"ts": 2.0, "dur": 3.0},
+                          {"ts": 9.0, "dur": 2.0}]) == 12.0
+    assert trace.busy_us([]) == 0.0
+
+
 def test_split_calls_refuses_inconsistent_calls(rng):
     durs = rng.uniform(1.0, 30.0, (4, 1))
     ev = _gpu_trace(["k"], 4, durs, extra_kernel_at=1)

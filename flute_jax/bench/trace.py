@@ -24,6 +24,7 @@ import dataclasses
 import glob
 import gzip
 import json
+import math
 import os
 from collections import Counter
 from typing import Optional, Sequence
@@ -128,8 +129,10 @@ def device_events(events: Sequence[dict], process_name: str = "/device:GPU:0") -
 class CallTimes:
     """Device time of ``n_calls`` consecutive calls of one function.
 
-    per_call_us: device time of each call (sum of its events' durations); None when the
-      events could not be split into calls (then only ``mean_us`` is known).
+    per_call_us: device time of each call: the time the device was busy with its events
+      (the union of their intervals; the sum of their durations when none overlap, and
+      overlapping kernels, e.g. a programmatic dependent launch, counted once); None when
+      the events could not be split into calls (then only ``mean_us`` is known).
     kernels: event names of one call, in start order.
     grouping: "per-call" or why the split failed.
     """
@@ -138,6 +141,17 @@ class CallTimes:
     mean_us: float
     kernels: list
     grouping: str
+
+
+def busy_us(events: Sequence[dict]) -> float:
+    """Length of the union of the events' [ts, ts + dur] intervals (us)."""
+    total, end = 0.0, -math.inf
+    for e in sorted(events, key=lambda e: float(e["ts"])):
+        start, stop = float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
 
 
 def split_calls(events: Sequence[dict], n_calls: int) -> CallTimes:
@@ -153,8 +167,7 @@ def split_calls(events: Sequence[dict], n_calls: int) -> CallTimes:
         raise ValueError(f"n_calls must be >= 1, got {n_calls}")
     if not events:
         raise ValueError("no device events in the trace: nothing ran on the device while tracing")
-    total = sum(float(e.get("dur", 0.0)) for e in events)
-    mean = total / n_calls
+    mean = busy_us(events) / n_calls
     if len(events) % n_calls:
         return CallTimes(None, mean, [e["name"] for e in events[: max(1, len(events) // n_calls)]],
                          f"{len(events)} events are not a multiple of {n_calls} calls")
@@ -164,5 +177,5 @@ def split_calls(events: Sequence[dict], n_calls: int) -> CallTimes:
     for i, chunk in enumerate(chunks[1:], 1):
         if Counter(e["name"] for e in chunk) != signature:
             return CallTimes(None, mean, [e["name"] for e in chunks[0]], f"call {i} launched other kernels than call 0")
-    per_call = [sum(float(e.get("dur", 0.0)) for e in chunk) for chunk in chunks]
+    per_call = [busy_us(chunk) for chunk in chunks]
     return CallTimes(per_call, mean, [e["name"] for e in chunks[0]], "per-call")
