@@ -494,6 +494,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--bench-modes", default="step,loop",
                     help="step: one host call per token; loop: 32 tokens per call (lax.scan on the device)")
     args = ap.parse_args(argv)
+    unknown = set(args.bench_variants.split(",")) - set(BENCH_VARIANTS)
+    if unknown:
+        ap.error(f"unknown --bench-variants {sorted(unknown)}; choose from {', '.join(BENCH_VARIANTS)}")
 
     if args.hf:
         cfg, dense = load_hf(args.hf)
