@@ -219,6 +219,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--bench-steps", type=int, default=32, help="greedy tokens per decode-loop call")
     ap.add_argument("--json", help="write the results (without logits) to this file")
     args = ap.parse_args(argv)
+    unknown = set(args.bench_variants.split(",")) - {"quant", "bf16"}
+    if unknown:
+        ap.error(f"unknown --bench-variants {sorted(unknown)}; choose from quant, bf16")
 
     cfg = llama.CONFIGS[args.config]
     tiny = args.config.startswith("tiny")
