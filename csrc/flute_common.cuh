@@ -157,15 +157,11 @@ __device__ __forceinline__ void LoadCodes(const uint32_t* unit, int lane, uint32
   }
 }
 
-// Producer: the codes of column c's (up to) kColumn / 16 units at k-block u, and
-// the unit's scale rows, into a stage; copied by kLanes producer threads.
-// Units past N (last column) are skipped. Scale rows past the unit's last group
-// and past N are zero, not left stale: a group past K still meets its tiles'
-// sums (zero, from the zero x) in an FMA, and stale bytes could be Inf or NaN
-// (compute-sanitizer found this).
-template <int kBits, typename T, int kLanes = 32, int kColumn = kColumnN>
-__device__ __forceinline__ void CopyCodesAndScales(const Params& p, int c, int u, int lane, uint32_t codes_dst,
-                                                   uint32_t scales_dst) {
+// Producer: the codes of column c's (up to) kColumn / 16 units at k-block u into
+// a stage, copied by kLanes producer threads with cp.async. Units past N (last
+// column) are skipped.
+template <int kBits, int kLanes = 32, int kColumn = kColumnN>
+__device__ __forceinline__ void CopyCodes(const Params& p, int c, int u, int lane, uint32_t codes_dst) {
   constexpr int kUnitWords = 128 * kBits, kUnitChunks = kUnitWords / 4, kUnits = kColumn / 16;
   const uint32_t* src = p.codes + (static_cast<int64_t>(u) * p.n_blocks + c * kUnits) * kUnitWords;
   const int valid = min(kUnits, p.n_blocks - c * kUnits) * kUnitChunks;
@@ -174,17 +170,36 @@ __device__ __forceinline__ void CopyCodesAndScales(const Params& p, int c, int u
     const int chunk = lane + kLanes * i;
     ptx::CpAsync16If(codes_dst + 16 * chunk, src + 4 * chunk, chunk < valid);
   }
+}
+
+// Producer: the scale rows of column c's unit at k-block u that the consumers
+// read (row g - g_lo for tiles t of the unit, g = t >> group_shift: 16 >>
+// group_shift rows, at least one). Rows past the unit's last group and past N are
+// zero, not left stale: a group past K still meets its tiles' sums (zero, from
+// the zero x) in an FMA, and stale bytes could be Inf or NaN (compute-sanitizer
+// found this). Rows never read are not copied.
+template <typename T, int kLanes = 32, int kColumn = kColumnN>
+__device__ __forceinline__ void CopyScales(const Params& p, int c, int u, int lane, uint32_t scales_dst) {
   const T* scales = static_cast<const T*>(p.scales);
   const int g_lo = (u * kTiles) >> p.group_shift;
   const int g_hi = min(p.groups - 1, (u * kTiles + kTiles - 1) >> p.group_shift);
+  const int rows_read = max(1, kTiles >> p.group_shift);
 #pragma unroll
   for (int i = 0; i < kScaleRows * (kColumn / 8) / kLanes; ++i) {
     const int idx = lane + kLanes * i, row = idx / (kColumn / 8), chunk = idx % (kColumn / 8);
     const int g = g_lo + row, nn = c * kColumn + 8 * chunk;
     const bool ok = g <= g_hi && nn < p.n;
-    ptx::CpAsync16(scales_dst + row * kColumn * 2 + 16 * chunk, ok ? scales + static_cast<int64_t>(g) * p.n + nn : scales,
-                   ok);
+    if (row < rows_read)
+      ptx::CpAsync16(scales_dst + row * kColumn * 2 + 16 * chunk,
+                     ok ? scales + static_cast<int64_t>(g) * p.n + nn : scales, ok);
   }
+}
+
+template <int kBits, typename T, int kLanes = 32, int kColumn = kColumnN>
+__device__ __forceinline__ void CopyCodesAndScales(const Params& p, int c, int u, int lane, uint32_t codes_dst,
+                                                   uint32_t scales_dst) {
+  CopyCodes<kBits, kLanes, kColumn>(p, c, u, lane, codes_dst);
+  CopyScales<T, kLanes, kColumn>(p, c, u, lane, scales_dst);
 }
 
 // End of a segment of Stream-K column cc, which covers feature column c of the

@@ -1,7 +1,9 @@
 // Thin wrappers around the PTX instructions the FLUTE kernel uses: cp.async,
 // mbarriers, ldmatrix and mma.sync. All of them exist on sm_80 and sm_90; the
-// one sm_90-only form (mbarrier.try_wait, which lets the hardware suspend the
-// waiting warp instead of spinning) is chosen at compile time.
+// sm_90-only ones (mbarrier.try_wait, which lets the hardware suspend the
+// waiting warp instead of spinning; bulk copies and their transaction counts;
+// griddepcontrol) are chosen at compile time, and callers of the bulk copy keep
+// an sm_80 path.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -45,6 +47,24 @@ __device__ __forceinline__ void MbarArriveOnCopies(uint32_t bar) {
 // Arrive now (release: this thread's earlier shared-memory reads are done).
 __device__ __forceinline__ void MbarArrive(uint32_t bar) {
   asm volatile("{ .reg .b64 state; mbarrier.arrive.shared.b64 state, [%0]; }\n" ::"r"(bar) : "memory");
+}
+// sm_90: the current phase also waits for `bytes` more bytes of bulk copies
+// (complete_tx) before it completes; not an arrival.
+__device__ __forceinline__ void MbarExpectTx(uint32_t bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+// sm_90: global -> shared copy of `bytes` (a multiple of 16, both addresses
+// 16-byte aligned) by the TMA unit, which counts the bytes against `bar`'s
+// expected transaction count as they land. Its shared-memory writes are whole
+// lines: cp.async's 16-byte writes cost twice the ideal wavefronts (ncu, H200).
+__device__ __forceinline__ void BulkCopyToShared(uint32_t smem, const void* gmem, uint32_t bytes, uint32_t bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(smem),
+               "l"(gmem), "r"(bytes), "r"(bar)
+               : "memory");
+#endif
 }
 // Wait until the phase with the given parity has completed (acquire).
 __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
