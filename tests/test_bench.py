@@ -351,3 +351,56 @@ def test_failed_measurement_is_recorded_and_sweep_goes_on(monkeypatch, tmp_path,
     printed = capsys.readouterr().out
     assert "ERRORS:" in printed and "ERROR" in printed
     assert "simulated kernel failure" in report.markdown([doc])
+
+
+# ---------------------------------------------------------------- compare
+def _doc(points, device="GPU A"):
+    """A minimal benchmark document: points = {(shape, m): (flute us, dot us)}."""
+    results = []
+    for (name, m), (t_flute, t_dot) in points.items():
+        results.append({"shape_name": name, "m": m, "k": 4096, "n": 4096, "bits": 4, "group_size": 128,
+                        "dtype": "bfloat16", "methods": {
+                            "flute": {"time_us": t_flute, "speedup_vs_dot": t_dot / t_flute},
+                            "xla_dot": {"time_us": t_dot}}})
+    return {"schema": report.SCHEMA, "environment": {"device": device, "date": "2026-11-30"}, "results": results}
+
+
+def _table_rows(text):
+    """{(first cell, M): cells} of compare's table."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("---")) + 1
+    return {(c[0], c[1]): c for c in (line.split() for line in lines[start:])}
+
+
+def test_compare_gains_and_geomeans(tmp_path, capsys):
+    base = _doc({("a", 1): (10.0, 20.0), ("b", 1): (40.0, 80.0), ("a", 16): (20.0, 20.0)})
+    new = _doc({("a", 1): (8.0, 20.0), ("b", 1): (10.0, 80.0)}, device="GPU B")  # ("a", 16) missing
+    paths = []
+    for i, doc in enumerate((base, new)):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(doc))
+    assert cli.main(["compare", str(paths[0]), str(paths[1]), "--labels", "old,new"]) == 0
+    out = capsys.readouterr().out
+    rows = _table_rows(out)
+    assert "old: GPU A" in out and "new: GPU B" in out
+    # a, M=1: 10 -> 8 us (2.00x -> 2.50x over the dot), gain 1.25x
+    assert rows[("a", "1")][5:] == ["10.0", "2.00x", "8.00", "2.50x", "1.25x"]
+    assert rows[("a", "16")][5:] == ["20.0", "1.00x", "-", "-", "-"]
+    # geomean at M=1: old sqrt(2 * 2) = 2, new sqrt(2.5 * 8) = 4.47, gain sqrt(1.25 * 4) = 2.24
+    assert rows[("geomean", "1")][5:] == ["2.00x", "4.47x", "2.24x"]
+    assert rows[("geomean", "16")][5:] == ["1.00x", "-", "-"]
+
+
+def test_compare_arguments(tmp_path, capsys):
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps(_doc({("a", 1): (10.0, 20.0)})))
+    with pytest.raises(SystemExit) as err:
+        cli.main(["compare", str(p), str(p), "--labels", "just-one"])
+    assert err.value.code == 2 and "names 1 runs for 2 files" in capsys.readouterr().err
+    q = tmp_path / "x.json"
+    q.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(SystemExit) as err:
+        cli.main(["compare", str(p), str(q)])
+    assert err.value.code == 2 and "not a flute_jax benchmark result" in capsys.readouterr().err
+    assert cli.main(["compare", str(p)]) == 0  # one run: its own table, no gain column
+    assert "gain" not in capsys.readouterr().out.splitlines()[3]

@@ -3,6 +3,7 @@
     python -m flute_jax.bench --shapes llama3-8b --tp 1,2 --m 1,16 --bits 2,3,4 --json r.json --plot r.png
     python -m flute_jax.bench --kn 4096x4096,8192x28672 --m 1 --methods flute,xla_dot
     python -m flute_jax.bench report r.json [more.json ...] [--plot r.png] > BENCHMARKS.md
+    python -m flute_jax.bench compare before.json after.json [--labels v9,v10]
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def run_parser() -> argparse.ArgumentParser:
         prog="python -m flute_jax.bench",
         description="Time flute_jax.qgemm against XLA's dot, XLA int4 dequantize+dot and a naive LUT "
         "gather+dot on the same shapes (device time from a profiler trace on GPU, wall clock on CPU). "
-        "'python -m flute_jax.bench report FILE.json ...' turns results into Markdown.",
+        "'python -m flute_jax.bench report FILE.json ...' turns results into Markdown, "
+        "'python -m flute_jax.bench compare A.json B.json ...' puts runs side by side.",
     )
     g = p.add_argument_group("what to run")
     g.add_argument("--shapes", type=_choice_list("--shapes", tuple(LLAMA3)), default=[],
@@ -111,11 +113,38 @@ def report_parser() -> argparse.ArgumentParser:
     return p
 
 
+def compare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flute_jax.bench compare",
+                                description="Runs side by side: per point, a method's time and speed-up in each "
+                                "run and its gain over the first run, with geometric means per M.")
+    p.add_argument("files", nargs="+", help="JSON files written by --json; the first is the baseline")
+    p.add_argument("--labels", type=lambda t: [v.strip() for v in t.split(",")], default=None,
+                   help="comma-separated names of the runs (default: the file names)")
+    p.add_argument("--method", choices=[m for m in METHODS if m != "xla_dot"], default="flute")
+    return p
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
         return _report(argv[1:])
+    if argv and argv[0] == "compare":
+        return _compare(argv[1:])
     return _run(argv)
+
+
+def _compare(argv: list[str]) -> int:
+    p = compare_parser()
+    args = p.parse_args(argv)
+    labels = args.labels or [f.rsplit("/", 1)[-1].removesuffix(".json") for f in args.files]
+    if len(labels) != len(args.files):
+        p.error(f"--labels names {len(labels)} runs for {len(args.files)} files")
+    try:
+        docs = report.load(args.files)
+    except (OSError, ValueError) as err:
+        p.error(str(err))
+    print(report.compare(docs, labels, args.method))
+    return 0
 
 
 def _report(argv: list[str]) -> int:

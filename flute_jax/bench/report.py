@@ -194,6 +194,53 @@ def summary(results: list[dict]) -> dict:
     return {k: {**{n: geomean(v) for n, v in acc[k].items()}, "shapes": count[k]} for k in sorted(count)}
 
 
+def _point_key(r: dict) -> tuple:
+    return (r.get("shape_name") or "", r["m"], r["k"], r["n"], r["bits"], r["group_size"], r["dtype"])
+
+
+def compare(docs: list[dict], labels: list[str], method: str = "flute") -> str:
+    """Runs side by side (an A/B of two builds, a device against another): for each point of
+    the first run, the method's time in each run with its speed-up over that run's own dot,
+    and the first run's time over this one's ("gain", > 1 when faster); then the geometric
+    means per (dtype, group, bits, M). Points missing from a run show "-"."""
+    by_run = [{_point_key(r): r for r in doc["results"]} for doc in docs]
+
+    def cell(r: Optional[dict]) -> tuple[Optional[float], Optional[float]]:
+        rec = (r or {}).get("methods", {}).get(method) or {}
+        return rec.get("time_us"), rec.get("speedup_vs_dot")
+
+    head = ["shape", "M", "bits", "group", "dtype"]
+    for i, label in enumerate(labels):
+        head += [f"{label} us", f"{label} x"] + ([f"{label} gain"] if i else [])
+    rows, speedups, gains = [], defaultdict(lambda: defaultdict(list)), defaultdict(lambda: defaultdict(list))
+    for key in by_run[0]:
+        name, m, _, _, bits, group, dtype = key
+        row = [name, str(m), str(bits), str(group), dtype]
+        t0 = cell(by_run[0][key])[0]
+        for i, run in enumerate(by_run):
+            t, x = cell(run.get(key))
+            row += [_fmt_us(t), _fmt_x(x)]
+            if x:
+                speedups[(dtype, group, bits, m)][i].append(x)
+            if i:
+                gain = t0 / t if t0 and t else None
+                row.append(_fmt_x(gain))
+                if gain:
+                    gains[(dtype, group, bits, m)][i].append(gain)
+        rows.append(row)
+    for k in sorted(speedups):
+        row = ["geomean", str(k[3]), str(k[2]), str(k[1]), k[0]]
+        for i in range(len(docs)):
+            row += ["", _fmt_x(geomean(speedups[k][i]))] + ([_fmt_x(geomean(gains[k][i]))] if i else [])
+        rows.append(row)
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    envs = [f"{label}: {doc['environment']['device']}, {doc['environment']['date']}" for label, doc in zip(labels, docs)]
+    return "\n".join([f"{method}: time in us, x = speed-up over the dot of the same run, "
+                      f"gain = {labels[0]} time / time", *envs, "", line(head), line(["-" * w for w in widths]),
+                      *[line(r) for r in rows]])
+
+
 def merged_results(docs: list[dict]) -> list[dict]:
     """Points of several runs; a point measured in more than one run is kept from the first."""
     seen, out = set(), []
