@@ -52,10 +52,17 @@ def _unbox(tree: Any) -> Any:
     )
 
 
+def _state_to_pure_dict(state: "nnx.State") -> dict:
+    """``nnx.State`` as a nested dict: ``nnx.to_pure_dict`` where flax has it (the
+    ``State.to_pure_dict`` method is deprecated from flax 0.12), else the method."""
+    to_pure_dict = getattr(nnx, "to_pure_dict", None)
+    return to_pure_dict(state) if to_pure_dict is not None else state.to_pure_dict()
+
+
 def _to_pure(tree: Any, record: Optional[dict] = None, path: tuple = ()) -> Any:
     """Nested dict with string keys; QuantizedWeights become dicts (recorded in ``record``)."""
     if isinstance(tree, nnx.State):
-        tree = tree.to_pure_dict()
+        tree = _state_to_pure_dict(tree)
     if isinstance(tree, QuantizedWeight):
         if record is not None:
             record["/".join(path)] = {"bits": tree.bits, "group_size": tree.group_size, "shape": list(tree.shape)}
@@ -152,7 +159,7 @@ def restore(directory: str, *, shardings: Any = None) -> dict:
         pure_shardings = jax.tree.map(lambda _: shardings, shapes)
     else:
         pure_shardings = _to_pure(
-            _unbox(shardings.to_pure_dict() if isinstance(shardings, nnx.State) else shardings)
+            _unbox(_state_to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings)
         )
 
     try:
