@@ -48,6 +48,30 @@ struct Params {
   int iters_per_block, extra_iters;
 };
 
+// Developer probe (tools/timeline.cu): with FLUTE_JAX_TIMELINE defined, thread 0
+// of each block stamps %globaltimer at the kernel's phases into g_timeline, to see
+// where a small shape's time goes. Compiled out otherwise.
+#ifdef FLUTE_JAX_TIMELINE
+constexpr int kStamps = 8;
+static __device__ unsigned long long g_timeline[8192][kStamps];
+__device__ __forceinline__ void Stamp(int i) {
+  if (threadIdx.x != 0) return;
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  g_timeline[blockIdx.x][i] = t;
+}
+// The last slot: the block's multiprocessor and its Stream-K iterations.
+__device__ __forceinline__ void StampBlock(int iterations) {
+  if (threadIdx.x != 0) return;
+  unsigned sm;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+  g_timeline[blockIdx.x][kStamps - 1] = sm | (static_cast<unsigned long long>(iterations) << 16);
+}
+#else
+__device__ __forceinline__ void Stamp(int) {}
+__device__ __forceinline__ void StampBlock(int) {}
+#endif
+
 template <typename T> struct Vec2;
 template <> struct Vec2<__half> { using type = __half2; };
 template <> struct Vec2<__nv_bfloat16> { using type = __nv_bfloat162; };
@@ -226,6 +250,7 @@ __device__ __forceinline__ void FinishColumn(const Params& p, int cc, int c, T* 
   auto slot_index = [&](int h, int i, int j) {
     return (i * 8 + 2 * q + (j & 1)) * kColumn + h * kColumnN + warp * 16 + r + 8 * (j >> 1);
   };
+  Stamp(3);  // the segment's compute is done
   if (first_block == last_block) {  // the whole column was ours
 #pragma unroll
     for (int h = 0; h < kNB; ++h)
@@ -263,6 +288,7 @@ __device__ __forceinline__ void FinishColumn(const Params& p, int cc, int c, T* 
     *s_is_last = ptx::AtomicAddAcqRel(&p.counters[cc], 1) == last_block - first_block;
   }
   ptx::NamedBarrier(kConsumerBarrier, kConsumers);
+  Stamp(4);  // the counter is known
   if (!*s_is_last) return;
   // Every part has landed: sum them in block order (deterministic), up to four
   // 8-token chunks at a time (few registers live, 16 loads in flight).
@@ -292,6 +318,7 @@ __device__ __forceinline__ void FinishColumn(const Params& p, int cc, int c, T* 
         for (int j = 0; j < 4; ++j) store(h, i0 + i, j, sum[i][j]);
     }
   }
+  Stamp(5);  // the fix-up is done
 }
 
 }  // namespace flute

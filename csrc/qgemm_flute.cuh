@@ -113,6 +113,7 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
   const uint32_t table_addr = (smem_addr + PairTable<kBits>::kAlign - 1) & ~uint32_t(PairTable<kBits>::kAlign - 1);
   uint32_t* pair_table = reinterpret_cast<uint32_t*>(smem + (table_addr - smem_addr));
   unsigned char* stages = reinterpret_cast<unsigned char*>(pair_table) + PairTable<kBits>::kBytes;
+  Stamp(0);
   if (tid == 0) {
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
@@ -128,6 +129,7 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
 
   // Consumers: build the pair table while the first stages load.
   const uint32_t lane_addr = BuildPairTable<kBits, T>(p.table, pair_table, tid);
+  Stamp(1);
 
   float acc[kMBlocks][4];
 #pragma unroll
@@ -144,6 +146,7 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
   uint32_t parity = 0;
   for (int it = it_begin; it < it_end; ++it) {
     ptx::MbarWait(full0 + 8 * s, parity);
+    if (it == it_begin) Stamp(2);  // the first stage has landed
     const unsigned char* base = stages + s * S::kStageBytes;
     const bool warp_active = c * kWarps + warp < p.n_blocks;
     if (warp_active) {
@@ -207,6 +210,8 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
   // A block that used no counter still ends after the kernel that zeroed them, so
   // the stream's next operation runs after both.
   if (tid == 0) ptx::GridDependencyWait();
+  Stamp(6);
+  StampBlock(it_end - it_begin);
 }
 
 }  // namespace flute
