@@ -102,10 +102,19 @@ __global__ void ZeroCountersKernel(int* counters, int count) {
 
 }  // namespace
 
-cudaError_t ZeroCountersBefore(cudaStream_t stream, int* counters, int count, bool dependent) {
-  if (!dependent) return cudaMemsetAsync(counters, 0, int64_t{count} * 4, stream);
-  ZeroCountersKernel<<<1, 512, 0, stream>>>(counters, count);
-  return cudaGetLastError();
+cudaError_t LaunchWithZeroedCounters(void (*kernel)(flute::Params), int grid, int threads, int smem,
+                                     cudaStream_t stream, int count, const flute::Params& p) {
+  // sm_90 code waits for the zeroing where it first needs a counter; older code must not start early
+  const bool dependent = DependentLaunchAllowed() && KernelBinaryVersion(reinterpret_cast<const void*>(kernel)) >= 90;
+  if (dependent) {
+    ZeroCountersKernel<<<1, 512, 0, stream>>>(p.counters, count);
+  } else {
+    const cudaError_t s = cudaMemsetAsync(p.counters, 0, int64_t{count} * 4, stream);
+    if (s != cudaSuccess) return s;
+  }
+  const cudaError_t s = cudaGetLastError();
+  if (s != cudaSuccess) return s;
+  return LaunchKernel(kernel, grid, threads, smem, stream, dependent, p);
 }
 
 FlutePlan MakeFlutePlan(int64_t m, int64_t k, int64_t n, int64_t group_rows, int bits, bool is_half_type,
@@ -164,14 +173,9 @@ cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, cons
     p.x = static_cast<const char*>(x) + m0 * d.k * kElementBytes;
     p.y = static_cast<char*>(y) + m0 * d.n * kElementBytes;
     const cudaError_t status = WithKernel(static_cast<int>(d.bits), bf16, plan.m_blocks, flush, [&](auto kernel, int smem) {
-      cudaError_t s = Prepare(kernel, smem);
+      const cudaError_t s = Prepare(kernel, smem);
       if (s != cudaSuccess) return s;
-      // sm_90 code waits for the zeroing where it first needs a counter; older code must not start early
-      const bool dependent =
-          DependentLaunchAllowed() && KernelBinaryVersion(reinterpret_cast<const void*>(kernel)) >= 90;
-      s = ZeroCountersBefore(stream, p.counters, counters, dependent);
-      if (s != cudaSuccess) return s;
-      return LaunchKernel(kernel, plan.grid, flute::kThreads, smem, stream, dependent, p);
+      return LaunchWithZeroedCounters(kernel, plan.grid, flute::kThreads, smem, stream, counters, p);
     });
     if (status != cudaSuccess) return status;
   }

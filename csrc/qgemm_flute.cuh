@@ -22,8 +22,8 @@
 //     parts in block order, so results are bitwise deterministic.
 //
 // Pipeline: one producer warp streams codes, x and scales into kStages shared-
-// memory stages (codes by one bulk copy of the TMA unit on sm_90, 16-byte
-// cp.async otherwise; x and scales by cp.async); each stage has a "full"
+// memory stages (on sm_90 codes by one bulk copy of the TMA unit, x rows too
+// from 9 rows on; else 16-byte cp.async; scales by cp.async); each stage has a "full"
 // mbarrier (the producer's copies landed, and the bulk copy's bytes) and an
 // "empty" one (all 8 consumer warps are done with it). Consumer warps never
 // wait on each other inside the main loop, and they spend no instructions on
@@ -64,30 +64,47 @@ __device__ __forceinline__ void Produce(const Params& p, int it_begin, int it_en
     // Use r >= 1 of a stage waits for the consumers' release of use r - 1.
     if (it - it_begin >= kStages) ptx::MbarWait(empty0 + 8 * s, parity ^ 1);
     const uint32_t base = stage0 + s * S::kStageBytes;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    // The column's codes are contiguous: one bulk copy by the TMA unit, whose
-    // bytes the stage's "full" barrier also waits for. cp.async's 16-byte writes
-    // cost twice the ideal shared-memory wavefronts (ncu, H200), and shared-memory
-    // bandwidth limited the big shapes: 8192 x 57344 at M = 1 went 85 -> 75 us.
-    if (lane == 0) {
-      const uint32_t bytes = min(kWarps, p.n_blocks - c * kWarps) * S::kUnitWords * 4;
-      ptx::MbarExpectTx(full0 + 8 * s, bytes);
-      ptx::BulkCopyToShared(base, p.codes + (static_cast<int64_t>(u) * p.n_blocks + c * kWarps) * S::kUnitWords,
-                            bytes, full0 + 8 * s);
-    }
-#else
-    CopyCodes<kBits>(p, c, u, lane, base);
-#endif
-    CopyScales<T>(p, c, u, lane, base + S::kCodeBytes + S::kXBytes);
     // x rows of this launch, k in [256 u, 256 u + 256), zero beyond K (the padded
     // codes there are table[0], not zero). Rows past M are left as they are: an
     // mma column depends only on its own x row (whatever it holds, NaN included),
     // and those outputs are never stored.
-    const int kk = u * kUnitK + 8 * lane;
-    const bool k_ok = kk < p.k;
-    for (int row = 0; row < p.m; ++row)
-      ptx::CpAsync16(base + S::kCodeBytes + row * kXStride * 2 + 16 * lane,
-                     k_ok ? x + static_cast<int64_t>(row) * p.k + kk : x, k_ok);
+    const uint32_t x_dst = base + S::kCodeBytes;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // Bulk copies by the TMA unit, whose bytes the stage's "full" barrier also
+    // waits for: the column's codes (contiguous) in one, and from 9 rows on each
+    // x row's k range in one. cp.async's 16-byte writes cost twice the ideal
+    // shared-memory wavefronts (ncu, H200), and shared-memory bandwidth limited
+    // the big shapes: 8192 x 57344 at M = 1 went 85 -> 75 us with the codes alone;
+    // x by bulk copy gained 3% more at M = 16 (up to 8% on the 70B MLP) but lost
+    // 1-3% at M = 8 (H200 A/B, 2026-11-30), so launches of 8 rows keep cp.async.
+    constexpr bool kXBulk = kMBlocks >= 2;
+    const uint32_t code_bytes = min(kWarps, p.n_blocks - c * kWarps) * S::kUnitWords * 4;
+    const int k_valid = min(kUnitK, p.k - u * kUnitK);  // a multiple of 8: 16-byte rows
+    // The expected bytes are set before any copy is issued.
+    if (lane == 0) ptx::MbarExpectTx(full0 + 8 * s, code_bytes + (kXBulk ? p.m * 2 * k_valid : 0));
+    __syncwarp();
+    if (lane == 31)
+      ptx::BulkCopyToShared(base, p.codes + (static_cast<int64_t>(u) * p.n_blocks + c * kWarps) * S::kUnitWords,
+                            code_bytes, full0 + 8 * s);
+    if constexpr (kXBulk) {
+      if (lane < p.m)
+        ptx::BulkCopyToShared(x_dst + lane * kXStride * 2, x + static_cast<int64_t>(lane) * p.k + u * kUnitK,
+                              2 * k_valid, full0 + 8 * s);
+      if (8 * lane >= k_valid)  // the last unit's k past K: zeros
+        for (int row = 0; row < p.m; ++row) ptx::CpAsync16(x_dst + row * kXStride * 2 + 16 * lane, x, false);
+    }
+#else
+    constexpr bool kXBulk = false;
+    CopyCodes<kBits>(p, c, u, lane, base);
+#endif
+    if constexpr (!kXBulk) {
+      const int kk = u * kUnitK + 8 * lane;
+      const bool k_ok = kk < p.k;
+      for (int row = 0; row < p.m; ++row)
+        ptx::CpAsync16(x_dst + row * kXStride * 2 + 16 * lane, k_ok ? x + static_cast<int64_t>(row) * p.k + kk : x,
+                       k_ok);
+    }
+    CopyScales<T>(p, c, u, lane, base + S::kCodeBytes + S::kXBytes);
     ptx::MbarArriveOnCopies(full0 + 8 * s);
     if (++u == p.k_units) { u = 0; ++c; }
     if (++s == kStages) { s = 0; parity ^= 1; }
@@ -154,14 +171,19 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
       LoadCodes<kBits>(reinterpret_cast<const uint32_t*>(base) + warp * kUnitWords, lane, w);
       const uint32_t x_rows = ptx::SharedAddress(base + S::kCodeBytes) + x_lane;
       const T* ss = reinterpret_cast<const T*>(base + S::kCodeBytes + S::kXBytes) + warp * 16 + r;
-      // Two accumulators, for even and odd tiles: two independent mma chains.
-      float part[2][kMBlocks][4];
+      // Independent mma chains: at 8 rows two accumulators, for even and odd
+      // tiles; from 16 rows one per 8-row block, whose blocks are already
+      // independent chains. A second chain per block costs 4 registers per block,
+      // and at 96 registers mb2 spilled in the main loop (ptxas; without it: no
+      // spills at g128, M = 16 2% faster on the H200).
+      constexpr int kChains = kMBlocks == 1 ? 2 : 1;
+      float part[kChains][kMBlocks][4];
       uint32_t b[kMBlocks][4];  // x fragments of tiles t and t + 1 (one ldmatrix.x4 each)
 #pragma unroll
       for (int t = 0; t < kTiles; ++t) {
         if (t % kFlushTiles == 0) {
 #pragma unroll
-          for (int h = 0; h < 2; ++h)
+          for (int h = 0; h < kChains; ++h)
 #pragma unroll
             for (int mb = 0; mb < kMBlocks; ++mb)
 #pragma unroll
@@ -175,17 +197,18 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
         }
 #pragma unroll
         for (int mb = 0; mb < kMBlocks; ++mb) {
-          ptx::Mma<T>(part[t & 1][mb], a, b[mb][2 * (t & 1)], b[mb][2 * (t & 1) + 1]);
+          ptx::Mma<T>(part[t % kChains][mb], a, b[mb][2 * (t & 1)], b[mb][2 * (t & 1) + 1]);
         }
         if (t % kFlushTiles == kFlushTiles - 1) {
           const int g = t >> p.group_shift;
           const float s_lo = ToF32(ss[g * kColumnN]), s_hi = ToF32(ss[g * kColumnN + 8]);
 #pragma unroll
           for (int mb = 0; mb < kMBlocks; ++mb) {
-            acc[mb][0] = fmaf(s_lo, part[0][mb][0] + part[1][mb][0], acc[mb][0]);
-            acc[mb][1] = fmaf(s_lo, part[0][mb][1] + part[1][mb][1], acc[mb][1]);
-            acc[mb][2] = fmaf(s_hi, part[0][mb][2] + part[1][mb][2], acc[mb][2]);
-            acc[mb][3] = fmaf(s_hi, part[0][mb][3] + part[1][mb][3], acc[mb][3]);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const float sum = kChains == 2 ? part[0][mb][j] + part[kChains - 1][mb][j] : part[0][mb][j];
+              acc[mb][j] = fmaf(j < 2 ? s_lo : s_hi, sum, acc[mb][j]);
+            }
           }
         }
       }

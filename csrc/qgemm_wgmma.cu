@@ -89,13 +89,9 @@ int FluteTileBlocksPerSm(int bits, bool bf16, int m_tile, int column_n) {
 cudaError_t LaunchFluteTile(cudaStream_t stream, int bits, bool bf16, int m_tile, int column_n, int grid,
                             int counters, const flute::Params& p) {
   return WithTileKernel(bits, bf16, m_tile, column_n, [&](auto kernel, int smem) {
-    cudaError_t s = Prepare(kernel, smem);
+    const cudaError_t s = Prepare(kernel, smem);
     if (s != cudaSuccess) return s;
-    const bool dependent =
-        DependentLaunchAllowed() && KernelBinaryVersion(reinterpret_cast<const void*>(kernel)) >= 90;
-    s = ZeroCountersBefore(stream, p.counters, counters, dependent);
-    if (s != cudaSuccess) return s;
-    return LaunchKernel(kernel, grid, flute::kTileThreads, smem, stream, dependent, p);
+    return LaunchWithZeroedCounters(kernel, grid, flute::kTileThreads, smem, stream, counters, p);
   });
 }
 

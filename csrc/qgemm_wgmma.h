@@ -13,10 +13,12 @@ struct Params;
 // columns) that fit on a multiprocessor of the current device; 0 when it cannot run.
 int FluteTileBlocksPerSm(int bits, bool bf16, int m_tile, int column_n);
 
-// Zeroes `count` Stream-K counters before the next launch on `stream`: a memset,
-// or, with `dependent` (that launch is a programmatic dependent, sm_90), a small
-// kernel that lets it start at once (qgemm_flute.cu).
-cudaError_t ZeroCountersBefore(cudaStream_t stream, int* counters, int count, bool dependent);
+// Zeroes `count` Stream-K counters at p.counters, then launches kernel(p) on `grid`
+// blocks of `threads`, with `smem` bytes of dynamic shared memory. sm_90 code
+// starts at once as a programmatic dependent of a small zeroing kernel; older
+// code after a memset (qgemm_flute.cu).
+cudaError_t LaunchWithZeroedCounters(void (*kernel)(flute::Params), int grid, int threads, int smem,
+                                     cudaStream_t stream, int count, const flute::Params& p);
 
 // Zeroes the `counters` Stream-K counters and launches the tile kernel on `grid` blocks.
 cudaError_t LaunchFluteTile(cudaStream_t stream, int bits, bool bf16, int m_tile, int column_n, int grid,
