@@ -3,7 +3,11 @@
 //   nvcc -std=c++17 -O3 -arch=sm_90a -DFLUTE_JAX_TIMELINE -Icsrc \
 //        -I$(python3 -c "import jax.ffi; print(jax.ffi.include_dir())") \
 //        tools/timeline.cu csrc/qgemm_wgmma.cu -o /tmp/timeline
-//   /tmp/timeline M K N [bits=4] [group=128] [reps=20]
+//   /tmp/timeline M K N [bits=4] [group=128] [reps=20] [tile]
+//
+// With `tile` it runs the wgmma tile kernel's plan instead (sm_90a, larger M) and
+// prints no timeline: a plain CUDA program on the production launch path, for
+// compute-sanitizer, which does not run under JAX here.
 //
 // It runs the production launch path (MakeFlutePlan + LaunchQgemmFlute: the
 // counter-zeroing kernel, then the decode kernel as its programmatic dependent) on
@@ -17,6 +21,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 namespace {
@@ -57,16 +62,17 @@ double Median(std::vector<double> v) {
 int main(int argc, char** argv) {
   using namespace flute_jax;
   if (argc < 4) {
-    std::fprintf(stderr, "usage: %s M K N [bits=4] [group=128] [reps=20]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s M K N [bits=4] [group=128] [reps=20] [tile]\n", argv[0]);
     return 2;
   }
   const int64_t m = std::atoll(argv[1]), k = std::atoll(argv[2]), n = std::atoll(argv[3]);
   const int bits = argc > 4 ? std::atoi(argv[4]) : 4;
   const int64_t group = argc > 5 ? std::atoll(argv[5]) : 128;
   const int reps = argc > 6 ? std::atoi(argv[6]) : 20;
-  const FlutePlan plan = MakeFlutePlan(m, k, n, group, bits, true, true, /*want_wgmma=*/false);
-  if (!plan.fast || plan.wgmma) {
-    std::fprintf(stderr, "the decode kernel does not take this call\n");
+  const bool tile = argc > 7 && std::string(argv[7]) == "tile";
+  const FlutePlan plan = MakeFlutePlan(m, k, n, group, bits, true, true, /*want_wgmma=*/tile);
+  if (!plan.fast || plan.wgmma != tile) {
+    std::fprintf(stderr, "the %s kernel does not take this call\n", tile ? "tile" : "decode");
     return 2;
   }
   QgemmDims d{m, k, n, (n + 15) / 16, (k + group - 1) / group, group, bits};
@@ -110,7 +116,7 @@ int main(int argc, char** argv) {
     CHECK(LaunchQgemmFlute(stream, true, x, codes, scales, table, y, workspace, d, plan));
     CHECK(cudaEventRecord(stop, stream));
     CHECK(cudaStreamSynchronize(stream));
-    if (rep < 0) continue;
+    if (rep < 0 || tile) continue;
     float event_ms = 0.f;
     CHECK(cudaEventElapsedTime(&event_ms, start, stop));
     CHECK(cudaMemcpyFromSymbol(host.data(), flute::g_timeline, host.size() * 8));
@@ -146,6 +152,10 @@ int main(int argc, char** argv) {
         std::fclose(f);
       }
     }
+  }
+  if (tile) {
+    std::printf("tile kernel: %d calls ran\n", reps + 3);
+    return 0;
   }
   std::printf("us after the first block's start, mean of %d calls (median / max over blocks):\n", reps);
   for (int i = 0; i < kS - 1; ++i)
