@@ -25,7 +25,7 @@
 // memory stages (on sm_90 codes by one bulk copy of the TMA unit, x rows too
 // from 9 rows on; else 16-byte cp.async; scales by cp.async); each stage has a "full"
 // mbarrier (the producer's copies landed, and the bulk copy's bytes) and an
-// "empty" one (all 8 consumer warps are done with it). Consumer warps never
+// "empty" one (all 256 consumer threads are done with it). Consumer warps never
 // wait on each other inside the main loop, and they spend no instructions on
 // addresses of global memory.
 #pragma once
@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       ptx::MbarInit(full0 + 8 * s, 32);       // the producer's lanes
-      ptx::MbarInit(empty0 + 8 * s, kWarps);  // one arrival per consumer warp
+      ptx::MbarInit(empty0 + 8 * s, kConsumers);  // every consumer thread
     }
   }
   __syncthreads();
@@ -213,9 +213,11 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
         }
       }
     }
-    // Release the stage to the producer once every lane's reads of it are done.
-    __syncwarp();
-    if (lane == 0) ptx::MbarArrive(empty0 + 8 * s);
+    // Release the stage to the producer: every consumer thread arrives after its
+    // own reads of it (release semantics), the simplest order to check. One lane
+    // per warp after __syncwarp() ran as fast, but compute-sanitizer's racecheck
+    // flagged each reuse of a stage as a read/write hazard.
+    ptx::MbarArrive(empty0 + 8 * s);
 
     // End of a segment: the column is done, or this block's range ends.
     if (u == p.k_units - 1 || it + 1 == it_end) {

@@ -155,7 +155,7 @@ __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params 
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       ptx::MbarInit(full0 + 8 * s, kProducers);  // every producer thread's copies
-      ptx::MbarInit(empty0 + 8 * s, kWarps);     // one arrival per consumer warp
+      ptx::MbarInit(empty0 + 8 * s, kConsumers);  // every consumer thread
     }
   }
   __syncthreads();
@@ -181,9 +181,8 @@ __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params 
   int tile = cc0 / p.columns, c = cc0 % p.columns, u = it_begin % p.k_units;
   int s = 0, pending = -1;  // pending: a stage whose wgmmas may still be running
   uint32_t parity = 0;
-  auto release = [&](int stage) {
-    __syncwarp();
-    if (lane == 0) ptx::MbarArrive(empty0 + 8 * stage);
+  auto release = [&](int stage) {  // every consumer thread, as in the decode kernel
+    ptx::MbarArrive(empty0 + 8 * stage);
   };
   for (int it = it_begin; it < it_end; ++it) {
     ptx::MbarWait(full0 + 8 * s, parity);
