@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Developer tool (GPU, sm_90a): compute-sanitizer over the FLUTE kernels, outside JAX.
+#
+#   tools/sanitize.sh [OUT_DIR]
+#
+# Under JAX, compute-sanitizer died here with a segmentation fault before its first
+# report (H200, JAX 0.11.2, 2026-11-30). tools/timeline.cu is a plain CUDA program on
+# the production launch path (MakeFlutePlan + LaunchQgemmFlute: the counter-zeroing
+# kernel, then the FLUTE kernel as its programmatic dependent), so the tools run on it.
+# The sweep covers bits 2/3/4, 8/16/32-row decode launches, K past the last full
+# 256-k unit, N past the last 128-feature column, group sizes 32/64/128/one group, the
+# tile kernel with one and two row tiles, and (racecheck) blocks that reuse their
+# pipeline stages many times. Numerical results are the GPU tests' job, not this one's.
+# Prints one line per check and exits non-zero if any check reports an error.
+set -uo pipefail
+OUT=${1:-/tmp/flute_sanitize}; mkdir -p "$OUT"
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+BIN="$OUT/timeline"
+INC=$(python3 -c "import jax.ffi; print(jax.ffi.include_dir())")
+nvcc -std=c++17 -O3 -arch=sm_90a -DFLUTE_JAX_TIMELINE -diag-suppress 940,2473,177 -I"$INC" -I"$ROOT/csrc" \
+  "$ROOT/tools/timeline.cu" "$ROOT/csrc/qgemm_wgmma.cu" -o "$BIN" > "$OUT/build.log" 2>&1 ||
+  { tail -20 "$OUT/build.log"; exit 1; }
+
+failed=0
+check() {  # tool, then the timeline arguments: M K N bits group reps [tile]
+  local tool=$1; shift
+  (cd "$OUT" && timeout 300 "$SAN" --tool "$tool" --error-exitcode 9 --print-limit 10 "$BIN" "$@") > "$OUT/last.log" 2>&1
+  local rc=$?
+  cat "$OUT/last.log" >> "$OUT/sanitizer.log"
+  printf '%-10s %-28s rc=%d  %s\n' "$tool" "$*" "$rc" "$(grep -E 'SUMMARY' "$OUT/last.log" | tail -1 | sed 's/=* *//')"
+  [ $rc -eq 0 ] || failed=1
+}
+: > "$OUT/sanitizer.log"
+for c in "1 4096 4096 4 128" "8 4096 4104 4 128" "16 4160 4096 4 64" "32 4096 4096 4 128" \
+         "1 4096 4096 3 128" "16 4096 6144 3 64" "1 4096 4096 2 4096" "8 2048 1000 2 32"; do
+  check memcheck $c 1
+done
+check memcheck 64 4096 4096 4 128 1 tile
+check memcheck 200 4160 4104 3 64 1 tile
+for c in "1 4096 57344 4 128 1" "16 4096 28672 4 128 1" "16 4160 4096 4 64 1" "64 4096 4096 4 128 1 tile" \
+         "64 768 4096 4 128 1 tile"; do
+  check racecheck $c
+done
+check synccheck 16 4096 4096 4 128 1
+check initcheck 1 4096 4096 4 128 1
+exit $failed
