@@ -16,6 +16,7 @@ set -uo pipefail
 OUT=${1:-/tmp/flute_sanitize}; mkdir -p "$OUT"
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+[ -x "$SAN" ] || { echo "compute-sanitizer not found (looked on PATH and in /usr/local/cuda/bin)" >&2; exit 1; }
 BIN="$OUT/timeline"
 INC=$(python3 -c "import jax.ffi; print(jax.ffi.include_dir())")
 nvcc -std=c++17 -O3 -arch=sm_90a -DFLUTE_JAX_TIMELINE -diag-suppress 940,2473,177 -I"$INC" -I"$ROOT/csrc" \
