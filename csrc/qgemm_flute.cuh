@@ -206,7 +206,9 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
           for (int mb = 0; mb < kMBlocks; ++mb) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-              const float sum = kChains == 2 ? part[0][mb][j] + part[kChains - 1][mb][j] : part[0][mb][j];
+              float sum = part[0][mb][j];
+#pragma unroll
+              for (int h = 1; h < kChains; ++h) sum += part[h][mb][j];
               acc[mb][j] = fmaf(j < 2 ? s_lo : s_hi, sum, acc[mb][j]);
             }
           }

@@ -11,7 +11,8 @@
 //
 // It runs the production launch path (MakeFlutePlan + LaunchQgemmFlute: the
 // counter-zeroing kernel, then the decode kernel as its programmatic dependent) on
-// random codes, scales, table and x, with L2 flushed before each call, and reads
+// random codes, scales, table and x, with L2 flushed before each call (not with
+// FLUTE_TIMELINE_HOT=1 in the environment), and reads
 // back the %globaltimer stamps that thread 0 of each block writes when the probe
 // is compiled in (flute_common.cuh, Stamp). Times are relative to the first
 // block's start, averaged over the reps (medians and maxima over blocks).
@@ -70,6 +71,9 @@ int main(int argc, char** argv) {
   const int64_t group = argc > 5 ? std::atoll(argv[5]) : 128;
   const int reps = argc > 6 ? std::atoi(argv[6]) : 20;
   const bool tile = argc > 7 && std::string(argv[7]) == "tile";
+  // FLUTE_TIMELINE_HOT=1: no L2 flush, so the operands stay in L2 from the call
+  // before (what a prefetch of the weights into L2 could give at best).
+  const bool hot = std::getenv("FLUTE_TIMELINE_HOT") != nullptr;
   const FlutePlan plan = MakeFlutePlan(m, k, n, group, bits, true, true, /*want_wgmma=*/tile);
   if (!plan.fast || plan.wgmma != tile) {
     std::fprintf(stderr, "the %s kernel does not take this call\n", tile ? "tile" : "decode");
@@ -111,7 +115,7 @@ int main(int argc, char** argv) {
   const std::vector<unsigned long long> zeros(8192 * kS, 0);
   for (int rep = -3; rep < reps; ++rep) {  // 3 warm-up calls
     CHECK(cudaMemcpyToSymbol(flute::g_timeline, zeros.data(), zeros.size() * 8));
-    CHECK(cudaMemsetAsync(flush, rep & 0xff, flush_bytes, stream));
+    if (!hot) CHECK(cudaMemsetAsync(flush, rep & 0xff, flush_bytes, stream));
     CHECK(cudaEventRecord(start, stream));
     CHECK(LaunchQgemmFlute(stream, true, x, codes, scales, table, y, workspace, d, plan));
     CHECK(cudaEventRecord(stop, stream));
