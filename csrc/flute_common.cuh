@@ -37,7 +37,8 @@ struct Params {
   const void* table;      // [2**bits]
   void* y;                // [M, N] (this launch's rows)
   float* partials;        // [2 * grid][m_tile][column features] Stream-K partial sums
-  int* counters;          // [columns] arrivals per split column (zeroed by the launch before)
+  int* counters;          // [columns] arrivals per split column: zero at the start, and zero
+                          // again at the end (the last arriver resets its column's counter)
   int m, k, n;            // rows (decode kernel: this launch's, <= its m_tile; tile kernel: all), K, N
   int n_blocks, k_units, columns;  // columns: of output features (the tile kernel's Stream-K
                                    // column cc covers x tile cc / columns, feature column cc % columns)
@@ -281,11 +282,16 @@ __device__ __forceinline__ void FinishColumn(const Params& p, int cc, int c, T* 
   // acquire, then the barrier, order the reads of all parts.
   ptx::NamedBarrier(kConsumerBarrier, kConsumers);
   if (tid == 0) {
-    // The counters are zeroed by the kernel launched just before this one, which
+    // Workspace counters are zeroed by a kernel launched just before this one, which
     // lets this grid start early (programmatic dependent launch, sm_90): wait for it
-    // here, at the first use of a counter, not at the start.
+    // here, at the first use of a counter, not at the start. (A no-op when the
+    // counters are the call site's own and this grid was launched plainly.)
     ptx::GridDependencyWait();
-    *s_is_last = ptx::AtomicAddAcqRel(&p.counters[cc], 1) == last_block - first_block;
+    const bool last = ptx::AtomicAddAcqRel(&p.counters[cc], 1) == last_block - first_block;
+    // Every part has arrived: the counter is free to start at zero for the next
+    // launch, which begins after this grid ends (call_counters.h).
+    if (last) p.counters[cc] = 0;
+    *s_is_last = last;
   }
   ptx::NamedBarrier(kConsumerBarrier, kConsumers);
   Stamp(4);  // the counter is known

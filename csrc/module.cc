@@ -8,6 +8,7 @@
 #include "qgemm_handlers.h"
 #include "qgemm_plan.h"
 #ifdef FLUTE_JAX_WITH_CUDA
+#include "call_counters.h"
 #include "qgemm_flute.h"
 #endif
 
@@ -29,10 +30,25 @@ NB_MODULE(_flute_ffi, m) {
   m.def("cuda_targets", []() {
     nb::dict targets;
 #ifdef FLUTE_JAX_WITH_CUDA
-    targets["flute_qgemm"] = Capsule(flute_jax::QgemmCuda);
+    nb::dict qgemm;  // the stages of a handler with state (the call site's Stream-K counters)
+    qgemm["instantiate"] = Capsule(flute_jax::QgemmCudaInstantiate);
+    qgemm["initialize"] = Capsule(flute_jax::QgemmCudaInitialize);
+    qgemm["execute"] = Capsule(flute_jax::QgemmCuda);
+    targets["flute_qgemm"] = qgemm;
     targets["flute_dequantize"] = Capsule(flute_jax::DequantCuda);
 #endif
     return targets;
+  });
+  // The FFI state types of the CUDA handlers, for jax.ffi.register_ffi_type.
+  m.def("cuda_types", []() {
+    nb::dict types;
+#ifdef FLUTE_JAX_WITH_CUDA
+    nb::dict counters;
+    counters["type_id"] = nb::capsule(reinterpret_cast<void*>(&flute_jax::CallCounters::id));
+    counters["type_info"] = nb::capsule(const_cast<void*>(static_cast<const void*>(flute_jax::CallCountersTypeInfo())));
+    types["flute_jax.call_counters"] = counters;
+#endif
+    return types;
   });
   // The CUDA handler's plan for a call, for the lowering's workspace size and for tests.
   m.def("cuda_plan", [](int64_t m_rows, int64_t k, int64_t n, int64_t group_rows, int bits,

@@ -2,11 +2,13 @@
 // Templates: bits {2, 3, 4} x dtype {f16, bf16} x m-blocks {1, 2, 4} x flush
 // period {2, 8}; the group size itself is a run-time argument.
 //
-// Each launch needs its Stream-K counters zeroed. On sm_90 a one-block kernel
-// zeroes them and the FLUTE kernel (decode or tile) starts at once as its
-// programmatic dependent, waiting for it only where a block first touches a
-// counter (flute_common.cuh, FinishColumn): a memset would sit on the critical
-// path of every call (H200, 8B decode loop: +7% tokens/s without it).
+// Each launch needs its Stream-K counters at zero. The call site's own counters
+// (call_counters.h) are zero already: the kernel leaves them so. Workspace
+// counters are zeroed per launch: on sm_90 a one-block kernel zeroes them and the
+// FLUTE kernel (decode or tile) starts at once as its programmatic dependent,
+// waiting for it only where a block first touches a counter (flute_common.cuh,
+// FinishColumn): a memset would sit on the critical path of every call (H200, 8B
+// decode loop: +7% tokens/s without it).
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -102,8 +104,11 @@ __global__ void ZeroCountersKernel(int* counters, int count) {
 
 }  // namespace
 
-cudaError_t LaunchWithZeroedCounters(void (*kernel)(flute::Params), int grid, int threads, int smem,
-                                     cudaStream_t stream, int count, const flute::Params& p) {
+cudaError_t LaunchWithCounters(void (*kernel)(flute::Params), int grid, int threads, int smem,
+                               cudaStream_t stream, int count, bool counters_zero, const flute::Params& p) {
+  // Not a programmatic dependent of the stream's previous kernel, which may have
+  // written x (or any other operand) and is not ours to wait for in the kernel.
+  if (counters_zero) return LaunchKernel(kernel, grid, threads, smem, stream, false, p);
   // sm_90 code waits for the zeroing where it first needs a counter; older code must not start early
   const bool dependent = DependentLaunchAllowed() && KernelBinaryVersion(reinterpret_cast<const void*>(kernel)) >= 90;
   if (dependent) {
@@ -138,14 +143,16 @@ FlutePlan MakeFlutePlan(int64_t m, int64_t k, int64_t n, int64_t group_rows, int
 }
 
 cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, const uint32_t* codes,
-                             const void* scales, const void* table, void* y, void* workspace, const QgemmDims& d,
-                             const FlutePlan& plan) {
+                             const void* scales, const void* table, void* y, void* workspace, int* call_counters,
+                             const QgemmDims& d, const FlutePlan& plan) {
   flute::Params p;
   p.codes = codes;
   p.scales = scales;
   p.table = table;
   p.partials = static_cast<float*>(workspace);
-  p.counters = reinterpret_cast<int*>(static_cast<char*>(workspace) + FluteCounterOffset(plan));
+  const bool counters_zero = call_counters != nullptr;
+  p.counters = counters_zero ? call_counters
+                             : reinterpret_cast<int*>(static_cast<char*>(workspace) + FluteCounterOffset(plan));
   p.k = static_cast<int>(d.k);
   p.n = static_cast<int>(d.n);
   p.n_blocks = static_cast<int>(d.n_blocks);
@@ -158,13 +165,13 @@ cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, cons
   const int iterations = plan.row_tiles * plan.columns * plan.k_units;  // < 2^31 (PlanFlute)
   p.iters_per_block = iterations / plan.grid;                            // >= 1: grid <= iterations
   p.extra_iters = iterations % plan.grid;
-  const int counters = plan.row_tiles * plan.columns;  // <= iterations
+  const int counters = static_cast<int>(FluteCounterCount(plan));  // <= iterations
   if (plan.wgmma) {  // one launch for all of M
     p.m = static_cast<int>(d.m);
     p.x = x;
     p.y = y;
     return LaunchFluteTile(stream, static_cast<int>(d.bits), bf16, plan.rows_per_launch, plan.column_n, plan.grid,
-                           counters, p);
+                           counters, counters_zero, p);
   }
   const int flush = FlushTiles(d.group_rows, d.groups);
   constexpr int kElementBytes = 2;
@@ -175,7 +182,7 @@ cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, cons
     const cudaError_t status = WithKernel(static_cast<int>(d.bits), bf16, plan.m_blocks, flush, [&](auto kernel, int smem) {
       const cudaError_t s = Prepare(kernel, smem);
       if (s != cudaSuccess) return s;
-      return LaunchWithZeroedCounters(kernel, plan.grid, flute::kThreads, smem, stream, counters, p);
+      return LaunchWithCounters(kernel, plan.grid, flute::kThreads, smem, stream, counters, counters_zero, p);
     });
     if (status != cudaSuccess) return status;
   }

@@ -19,9 +19,11 @@ FlutePlan MakeFlutePlan(int64_t m, int64_t k, int64_t n, int64_t group_rows, int
 bool DeviceHasWgmma();
 
 // Runs the FLUTE kernel for a plan with plan.fast; x/scales/table/y are f16 or bf16,
-// the workspace holds at least plan.workspace_bytes.
+// the workspace holds at least plan.workspace_bytes. `call_counters`: the call
+// site's FluteCounterCount(plan) zeroed Stream-K counters (call_counters.h), or
+// nullptr to zero the workspace's counters before each launch.
 cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, const uint32_t* codes,
-                             const void* scales, const void* table, void* y, void* workspace, const QgemmDims& d,
-                             const FlutePlan& plan);
+                             const void* scales, const void* table, void* y, void* workspace, int* call_counters,
+                             const QgemmDims& d, const FlutePlan& plan);
 
 }  // namespace flute_jax

@@ -40,6 +40,8 @@ inline bool FluteApplies(int64_t m, int64_t k, int64_t n, int64_t group_rows, bo
 // per block, then one int counter per column.
 inline int64_t FluteSlotBytes(const FlutePlan& plan) { return int64_t{plan.rows_per_launch} * plan.column_n * 4; }
 inline int64_t FluteCounterOffset(const FlutePlan& plan) { return 2 * int64_t{plan.grid} * FluteSlotBytes(plan); }
+// Stream-K counters of a launch: one per (x tile, feature column).
+inline int64_t FluteCounterCount(const FlutePlan& plan) { return int64_t{plan.row_tiles} * plan.columns; }
 
 inline int FluteMBlocks(int64_t m) { return m <= 8 ? 1 : m <= 16 ? 2 : 4; }
 // Rows of x per tile of the tile kernel.
@@ -76,7 +78,7 @@ inline FlutePlan PlanFlute(int64_t m, int64_t k, int64_t n, int64_t group_rows, 
   if (iters >= (int64_t{1} << 31)) return FlutePlan{};  // the kernels index iterations in 32 bits
   plan.row_tiles = static_cast<int>(row_tiles);
   plan.grid = static_cast<int>(std::min<int64_t>(iters, int64_t{sm_count} * blocks_per_sm));
-  plan.workspace_bytes = FluteCounterOffset(plan) + iters / plan.k_units * 4;
+  plan.workspace_bytes = FluteCounterOffset(plan) + FluteCounterCount(plan) * 4;
   return plan;
 }
 

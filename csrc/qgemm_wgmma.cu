@@ -87,11 +87,11 @@ int FluteTileBlocksPerSm(int bits, bool bf16, int m_tile, int column_n) {
 }
 
 cudaError_t LaunchFluteTile(cudaStream_t stream, int bits, bool bf16, int m_tile, int column_n, int grid,
-                            int counters, const flute::Params& p) {
+                            int counters, bool counters_zero, const flute::Params& p) {
   return WithTileKernel(bits, bf16, m_tile, column_n, [&](auto kernel, int smem) {
     const cudaError_t s = Prepare(kernel, smem);
     if (s != cudaSuccess) return s;
-    return LaunchWithZeroedCounters(kernel, grid, flute::kTileThreads, smem, stream, counters, p);
+    return LaunchWithCounters(kernel, grid, flute::kTileThreads, smem, stream, counters, counters_zero, p);
   });
 }
 

@@ -13,15 +13,16 @@ struct Params;
 // columns) that fit on a multiprocessor of the current device; 0 when it cannot run.
 int FluteTileBlocksPerSm(int bits, bool bf16, int m_tile, int column_n);
 
-// Zeroes `count` Stream-K counters at p.counters, then launches kernel(p) on `grid`
-// blocks of `threads`, with `smem` bytes of dynamic shared memory. sm_90 code
-// starts at once as a programmatic dependent of a small zeroing kernel; older
-// code after a memset (qgemm_flute.cu).
-cudaError_t LaunchWithZeroedCounters(void (*kernel)(flute::Params), int grid, int threads, int smem,
-                                     cudaStream_t stream, int count, const flute::Params& p);
+// Launches kernel(p) on `grid` blocks of `threads`, with `smem` bytes of dynamic
+// shared memory. With `counters_zero` (the call site's counters, call_counters.h)
+// a plain launch. Otherwise it first zeroes the `count` Stream-K counters at
+// p.counters: sm_90 code starts at once as a programmatic dependent of a small
+// zeroing kernel, older code after a memset (qgemm_flute.cu).
+cudaError_t LaunchWithCounters(void (*kernel)(flute::Params), int grid, int threads, int smem,
+                               cudaStream_t stream, int count, bool counters_zero, const flute::Params& p);
 
-// Zeroes the `counters` Stream-K counters and launches the tile kernel on `grid` blocks.
+// Launches the tile kernel on `grid` blocks (LaunchWithCounters for its `counters`).
 cudaError_t LaunchFluteTile(cudaStream_t stream, int bits, bool bf16, int m_tile, int column_n, int grid,
-                            int counters, const flute::Params& p);
+                            int counters, bool counters_zero, const flute::Params& p);
 
 }  // namespace flute_jax

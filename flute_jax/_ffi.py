@@ -45,6 +45,10 @@ def _command_buffer_traits() -> dict:
     return {} if traits is None else {"traits": traits}
 
 
+# State types first: the CUDA qgemm handler keeps its call site's Stream-K counters
+# (csrc/call_counters.h) as FFI state.
+for _name, _registration in _flute_ffi.cuda_types().items():
+    jax.ffi.register_ffi_type(_name, _registration, platform="CUDA")
 for _name, _capsule in _flute_ffi.cpu_targets().items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
 for _name, _capsule in _flute_ffi.cuda_targets().items():

@@ -5,8 +5,9 @@
 #
 # Under JAX, compute-sanitizer died here with a segmentation fault before its first
 # report (H200, JAX 0.11.2, 2026-11-30). tools/timeline.cu is a plain CUDA program on
-# the production launch path (MakeFlutePlan + LaunchQgemmFlute: the counter-zeroing
-# kernel, then the FLUTE kernel as its programmatic dependent), so the tools run on it.
+# the production launch path (MakeFlutePlan + LaunchQgemmFlute with a call site's own
+# Stream-K counters), so the tools run on it. Set FLUTE_JAX_COUNTERS=workspace to check
+# the other path: the counter-zeroing kernel, then the FLUTE kernel as its dependent.
 # The sweep covers bits 2/3/4, 8/16/32-row decode launches, K past the last full
 # 256-k unit, N past the last 128-feature column, group sizes 32/64/128/one group, the
 # tile kernel with one and two row tiles, and (racecheck) blocks that reuse their

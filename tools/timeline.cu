@@ -9,8 +9,9 @@
 // prints no timeline: a plain CUDA program on the production launch path, for
 // compute-sanitizer, which does not run under JAX here.
 //
-// It runs the production launch path (MakeFlutePlan + LaunchQgemmFlute: the
-// counter-zeroing kernel, then the decode kernel as its programmatic dependent) on
+// It runs the production launch path (MakeFlutePlan + LaunchQgemmFlute with the
+// call site's counters; with FLUTE_JAX_COUNTERS=workspace the counter-zeroing
+// kernel, then the decode kernel as its programmatic dependent) on
 // random codes, scales, table and x, with L2 flushed before each call (not with
 // FLUTE_TIMELINE_HOT=1 in the environment), and reads
 // back the %globaltimer stamps that thread 0 of each block writes when the probe
@@ -91,6 +92,14 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&table, (1 << bits) * 2));
   CHECK(cudaMalloc(&y, m * n * 2));
   CHECK(cudaMalloc(&workspace, plan.workspace_bytes));
+  // The call site's own Stream-K counters, zeroed once, as the FFI handler passes
+  // them (csrc/call_counters.h); FLUTE_JAX_COUNTERS=workspace: zeroed per launch.
+  const char* counters_mode = std::getenv("FLUTE_JAX_COUNTERS");
+  int* call_counters = nullptr;
+  if (counters_mode == nullptr || std::string(counters_mode) != "workspace") {
+    CHECK(cudaMalloc(&call_counters, FluteCounterCount(plan) * sizeof(int)));
+    CHECK(cudaMemset(call_counters, 0, FluteCounterCount(plan) * sizeof(int)));
+  }
   CHECK(cudaMalloc(&flush, flush_bytes));
   FillWords<<<1024, 256>>>(codes, code_words, 1);
   FillBf16<<<1024, 256>>>(x, m * k, 2, -1.f, 1.f);
@@ -117,7 +126,7 @@ int main(int argc, char** argv) {
     CHECK(cudaMemcpyToSymbol(flute::g_timeline, zeros.data(), zeros.size() * 8));
     if (!hot) CHECK(cudaMemsetAsync(flush, rep & 0xff, flush_bytes, stream));
     CHECK(cudaEventRecord(start, stream));
-    CHECK(LaunchQgemmFlute(stream, true, x, codes, scales, table, y, workspace, d, plan));
+    CHECK(LaunchQgemmFlute(stream, true, x, codes, scales, table, y, workspace, call_counters, d, plan));
     CHECK(cudaEventRecord(stop, stream));
     CHECK(cudaStreamSynchronize(stream));
     if (rep < 0 || tile) continue;
