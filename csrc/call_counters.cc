@@ -30,10 +30,15 @@ cudaError_t CallCounters::Reserve(int device, int64_t count, cudaStream_t stream
   if (buffer.count >= count) return cudaSuccess;
   // A call site's shapes are static, so this grows at most once per device in
   // practice. The old buffer is idle: the stream runs this call site in order.
+  // The allocation goes to `device` whichever device this thread had current.
+  int previous = device;
+  if (cudaGetDevice(&previous) != cudaSuccess) previous = device;
+  cudaError_t status = previous == device ? cudaSuccess : cudaSetDevice(device);
   int* data = nullptr;
-  cudaError_t status = cudaMalloc(&data, count * sizeof(int));
+  if (status == cudaSuccess) status = cudaMalloc(&data, count * sizeof(int));
   if (status == cudaSuccess) status = cudaMemsetAsync(data, 0, count * sizeof(int), stream);
   if (status == cudaSuccess) status = cudaStreamSynchronize(stream);
+  if (previous != device) cudaSetDevice(previous);
   if (status != cudaSuccess) {
     if (data != nullptr) cudaFree(data);
     return status;

@@ -55,10 +55,11 @@ def _cuda_lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
     if path == "dense":
         dense = functools.partial(dense_qgemm, bits=bits, group_size=group_size, cuda=True)
         return mlir.lower_fun(dense, multiple_results=False)(ctx, x, codes, scales, table)
-    # The CUDA handler takes a second result: the Stream-K workspace (partial sums
-    # and arrival counters). XLA allocates it like any temporary, so the handler
-    # never allocates and stays CUDA-graph safe. Its size comes from the same C++
-    # plan the handler follows; only y is returned.
+    # The CUDA handler takes a second result: the Stream-K workspace (partial sums,
+    # and arrival counters when the call site has none of its own:
+    # csrc/call_counters.h). XLA allocates it like any temporary, so the execute
+    # stage never allocates and stays CUDA-graph safe. Its size comes from the same
+    # C++ plan the handler follows; only y is returned.
     wgmma = path == "wgmma"
     plan = _ffi.cuda_plan(m, k, scales_aval.shape[1], group_size, bits, x_aval.dtype, wgmma=wgmma)
     workspace = jax.core.ShapedArray((max(16, plan["workspace_bytes"]),), np.uint8)
