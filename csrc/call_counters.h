@@ -39,8 +39,9 @@ class CallCounters {
   // were not reserved (then the caller zeroes workspace counters itself).
   int* Find(int device, int64_t count);
 
-  // Allocates and zeroes `count` counters on `device` (the current device) unless
-  // there are enough; waits for the zeroing on `stream`. Not for use under capture.
+  // Allocates and zeroes `count` counters on `device` (made current for the
+  // allocation) unless there are enough; waits for the zeroing on `stream`, a
+  // stream of that device. Not for use under capture.
   cudaError_t Reserve(int device, int64_t count, cudaStream_t stream);
 
  private:
