@@ -234,8 +234,9 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
     if (++u == p.k_units) { u = 0; ++c; }
     if (++s == kStages) { s = 0; parity ^= 1; }
   }
-  // A block that used no counter still ends after the kernel that zeroed them, so
-  // the stream's next operation runs after both.
+  // With workspace counters, a block that used no counter still ends after the
+  // kernel that zeroed them, so the stream's next operation runs after both (a
+  // no-op for a plain launch on the call site's counters).
   if (tid == 0) ptx::GridDependencyWait();
   Stamp(6);
   StampBlock(it_end - it_begin);

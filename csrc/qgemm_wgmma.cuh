@@ -261,7 +261,7 @@ __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params 
     }
     if (++s == kStages) { s = 0; parity ^= 1; }
   }
-  if (tid == 0) ptx::GridDependencyWait();  // end after the counter-zeroing kernel (FinishColumn)
+  if (tid == 0) ptx::GridDependencyWait();  // with workspace counters: end after the kernel that zeroed them (FinishColumn)
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
