@@ -227,6 +227,81 @@ __device__ __forceinline__ void CopyCodesAndScales(const Params& p, int c, int u
   CopyScales<T, kLanes, kColumn>(p, c, u, lane, scales_dst);
 }
 
+// Where this lane's values of a column go, for FinishColumn and ReduceColumn: value
+// (h, i, j) of the lane is output row 8 i + 2 q + (j & 1) and feature r + 8 (j >> 1)
+// of the warp's N-block h * 8 + warp of feature column c (mma accumulator order,
+// r = lane / 4, q = lane % 4); its workspace slot holds [kMTile rows][kColumn features].
+template <typename T, int kChunks, int kNB>
+struct ColumnLane {
+  static constexpr int kMTile = 8 * kChunks, kColumn = kColumnN * kNB;
+  // Only rows < `rows` go through the workspace: the others are never stored, and
+  // at M = 1 they would be 7/8 of the fix-up's L2 traffic. Not for the 128-row
+  // tile: there the predicates slowed the fix-up (H100, M = 128: 4096 x 4096 went
+  // 29.6 -> 37.0 us), and its tiles are full but for the last.
+  static constexpr bool kTrimRows = kChunks <= 8;
+  int c, rows, n, n_blocks, warp, r, q;
+  __device__ __forceinline__ ColumnLane(const Params& p, int column, int row_count)
+      : c(column), rows(row_count), n(p.n), n_blocks(p.n_blocks) {
+    const int tid = threadIdx.x, lane = tid & 31;
+    warp = tid >> 5, r = lane >> 2, q = lane & 3;
+  }
+  // Whether N-block h of the column exists (the last column may be partial).
+  __device__ __forceinline__ bool active(int h) const { return c * (kColumn / 16) + h * kWarps + warp < n_blocks; }
+  __device__ __forceinline__ bool row_ok(int i, int j) const { return !kTrimRows || i * 8 + 2 * q + (j & 1) < rows; }
+  __device__ __forceinline__ int slot_index(int h, int i, int j) const {
+    return (i * 8 + 2 * q + (j & 1)) * kColumn + h * kColumnN + warp * 16 + r + 8 * (j >> 1);
+  }
+  __device__ __forceinline__ void store(T* y, int h, int i, int j, float v) const {
+    const int m = i * 8 + 2 * q + (j & 1), nn = c * kColumn + h * kColumnN + warp * 16 + r + 8 * (j >> 1);
+    if (m < rows && nn < n) y[static_cast<int64_t>(m) * n + nn] = FromF32<T>(v);
+  }
+};
+
+// The last arriver's part of FinishColumn: sums the parts of split column cc in
+// block order and stores them.
+template <typename T, int kChunks, int kNB>
+__device__ __forceinline__ void ReduceColumn(const Params& p, int cc, int c, T* y, int rows, int first_block,
+                                             int last_block) {
+  const ColumnLane<T, kChunks, kNB> lane(p, c, rows);
+  constexpr int kSlot = lane.kMTile * lane.kColumn;
+  // Every part has landed: sum them in block order (deterministic), up to four
+  // 8-token chunks at a time (few registers live, 16 loads in flight).
+  constexpr int kGroup = kChunks < 4 ? kChunks : 4;
+#pragma unroll
+  for (int h = 0; h < kNB; ++h) {
+    if (!lane.active(h)) continue;
+#pragma unroll
+    for (int i0 = 0; i0 < kChunks; i0 += kGroup) {
+      float sum[kGroup][4];
+#pragma unroll
+      for (int i = 0; i < kGroup; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) sum[i][j] = 0.f;
+#pragma unroll 4
+      for (int b = first_block; b <= last_block; ++b) {
+        const float* part = p.partials + static_cast<int64_t>(SlotOf(b, cc, p)) * kSlot;
+#pragma unroll
+        for (int i = 0; i < kGroup; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            if (lane.row_ok(i0 + i, j)) sum[i][j] += __ldcg(part + lane.slot_index(h, i0 + i, j));
+      }
+#pragma unroll
+      for (int i = 0; i < kGroup; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) lane.store(y, h, i0 + i, j, sum[i][j]);
+    }
+  }
+}
+
+// The same, not inlined, for the decode kernel: it runs once per split column, and
+// kept out of the main loop it leaves the loop's registers alone (mb2 lost its spills).
+template <typename T, int kChunks, int kNB>
+__device__ __noinline__ void ReduceColumnCall(const Params p, int cc, int c, T* y, int rows, int first_block,
+                                              int last_block) {
+  ReduceColumn<T, kChunks, kNB>(p, cc, c, y, rows, first_block, last_block);
+}
+
 // End of a segment of Stream-K column cc, which covers feature column c of the
 // rows' outputs at y (`rows` of them, row stride N): acc[h] holds this block's part of the column's
 // outputs for this lane, for the warp's N-block h * 8 + warp of the column (each
@@ -239,49 +314,35 @@ __device__ __forceinline__ void CopyCodesAndScales(const Params& p, int c, int u
 template <typename T, int kChunks, int kNB>
 __device__ __forceinline__ void FinishColumn(const Params& p, int cc, int c, T* y, int rows,
                                              const float (&acc)[kNB][kChunks][4], int* s_is_last) {
-  constexpr int kMTile = 8 * kChunks, kColumn = kColumnN * kNB;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, r = lane >> 2, q = lane & 3;
+  const ColumnLane<T, kChunks, kNB> lane(p, c, rows);
   const int first_block = BlockOf(cc * p.k_units, p);
   const int last_block = BlockOf((cc + 1) * p.k_units - 1, p);
-  auto active = [&](int h) { return c * (kColumn / 16) + h * kWarps + warp < p.n_blocks; };
-  auto store = [&](int h, int i, int j, float v) {
-    const int m = i * 8 + 2 * q + (j & 1), nn = c * kColumn + h * kColumnN + warp * 16 + r + 8 * (j >> 1);
-    if (m < rows && nn < p.n) y[static_cast<int64_t>(m) * p.n + nn] = FromF32<T>(v);
-  };
-  auto slot_index = [&](int h, int i, int j) {
-    return (i * 8 + 2 * q + (j & 1)) * kColumn + h * kColumnN + warp * 16 + r + 8 * (j >> 1);
-  };
   Stamp(3);  // the segment's compute is done
   if (first_block == last_block) {  // the whole column was ours
 #pragma unroll
     for (int h = 0; h < kNB; ++h)
-      if (active(h))
+      if (lane.active(h))
 #pragma unroll
         for (int i = 0; i < kChunks; ++i)
 #pragma unroll
-          for (int j = 0; j < 4; ++j) store(h, i, j, acc[h][i][j]);
+          for (int j = 0; j < 4; ++j) lane.store(y, h, i, j, acc[h][i][j]);
     return;
   }
-  // Only rows < `rows` go through the workspace: the others are never stored, and
-  // at M = 1 they would be 7/8 of the fix-up's L2 traffic. Not for the 128-row
-  // tile: there the predicates slowed the fix-up (H100, M = 128: 4096 x 4096 went
-  // 29.6 -> 37.0 us), and its tiles are full but for the last.
-  constexpr bool kTrimRows = kChunks <= 8;
-  auto row_ok = [&](int i, int j) { return !kTrimRows || i * 8 + 2 * q + (j & 1) < rows; };
-  float* mine = p.partials + static_cast<int64_t>(SlotOf(blockIdx.x, cc, p)) * kMTile * kColumn;
+  // (Only rows < `rows` go through the workspace: ColumnLane::kTrimRows.)
+  float* mine = p.partials + static_cast<int64_t>(SlotOf(blockIdx.x, cc, p)) * lane.kMTile * lane.kColumn;
 #pragma unroll
   for (int h = 0; h < kNB; ++h)
-    if (active(h))
+    if (lane.active(h))
 #pragma unroll
       for (int i = 0; i < kChunks; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          if (row_ok(i, j)) __stcg(mine + slot_index(h, i, j), acc[h][i][j]);
+          if (lane.row_ok(i, j)) __stcg(mine + lane.slot_index(h, i, j), acc[h][i][j]);
   // Publish the part: the barrier orders every consumer's stores before thread
   // 0's release (the pattern of CUTLASS's split-K semaphore); the last arriver's
   // acquire, then the barrier, order the reads of all parts.
   ptx::NamedBarrier(kConsumerBarrier, kConsumers);
-  if (tid == 0) {
+  if (threadIdx.x == 0) {
     // Workspace counters are zeroed by a kernel launched just before this one, which
     // lets this grid start early (programmatic dependent launch, sm_90): wait for it
     // here, at the first use of a counter, not at the start. (A no-op when the
@@ -296,34 +357,10 @@ __device__ __forceinline__ void FinishColumn(const Params& p, int cc, int c, T* 
   ptx::NamedBarrier(kConsumerBarrier, kConsumers);
   Stamp(4);  // the counter is known
   if (!*s_is_last) return;
-  // Every part has landed: sum them in block order (deterministic), up to four
-  // 8-token chunks at a time (few registers live, 16 loads in flight).
-  constexpr int kGroup = kChunks < 4 ? kChunks : 4;
-#pragma unroll
-  for (int h = 0; h < kNB; ++h) {
-    if (!active(h)) continue;
-#pragma unroll
-    for (int i0 = 0; i0 < kChunks; i0 += kGroup) {
-      float sum[kGroup][4];
-#pragma unroll
-      for (int i = 0; i < kGroup; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) sum[i][j] = 0.f;
-#pragma unroll 4
-      for (int b = first_block; b <= last_block; ++b) {
-        const float* part = p.partials + static_cast<int64_t>(SlotOf(b, cc, p)) * kMTile * kColumn;
-#pragma unroll
-        for (int i = 0; i < kGroup; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-            if (row_ok(i0 + i, j)) sum[i][j] += __ldcg(part + slot_index(h, i0 + i, j));
-      }
-#pragma unroll
-      for (int i = 0; i < kGroup; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) store(h, i0 + i, j, sum[i][j]);
-    }
-  }
+  if constexpr (kChunks <= 2)
+    ReduceColumnCall<T, kChunks, kNB>(p, cc, c, y, rows, first_block, last_block);
+  else  // (the 32-row launch and the tile kernel spilled more with the call)
+    ReduceColumn<T, kChunks, kNB>(p, cc, c, y, rows, first_block, last_block);
   Stamp(5);  // the fix-up is done
 }
 

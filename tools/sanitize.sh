@@ -2,6 +2,7 @@
 # Developer tool (GPU, sm_90a): compute-sanitizer over the FLUTE kernels, outside JAX.
 #
 #   tools/sanitize.sh [OUT_DIR]
+#   FLUTE_SANITIZE_BIN=prebuilt/timeline tools/sanitize.sh [OUT_DIR]   # skip the build
 #
 # Under JAX, compute-sanitizer died here with a segmentation fault before its first
 # report (H200, JAX 0.11.2, 2026-11-30). tools/timeline.cu is a plain CUDA program on
@@ -20,9 +21,15 @@ SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer
 [ -x "$SAN" ] || { echo "compute-sanitizer not found (looked on PATH and in /usr/local/cuda/bin)" >&2; exit 1; }
 BIN="$OUT/timeline"
 INC=$(python3 -c "import jax.ffi; print(jax.ffi.include_dir())")
-nvcc -std=c++17 -O3 -arch=sm_90a -DFLUTE_JAX_TIMELINE -diag-suppress 940,2473,177 -I"$INC" -I"$ROOT/csrc" \
-  "$ROOT/tools/timeline.cu" "$ROOT/csrc/qgemm_wgmma.cu" -o "$BIN" > "$OUT/build.log" 2>&1 ||
-  { tail -20 "$OUT/build.log"; exit 1; }
+if [ -n "${FLUTE_SANITIZE_BIN:-}" ]; then
+  # A binary built beforehand from the same sources (the wgmma file alone takes ~2 min to
+  # compile, device time better spent on the checks).
+  cp "$FLUTE_SANITIZE_BIN" "$BIN" || exit 1
+else
+  nvcc -std=c++17 -O3 -arch=sm_90a -DFLUTE_JAX_TIMELINE -diag-suppress 940,2473,177 -I"$INC" -I"$ROOT/csrc" \
+    "$ROOT/tools/timeline.cu" "$ROOT/csrc/qgemm_wgmma.cu" -o "$BIN" > "$OUT/build.log" 2>&1 ||
+    { tail -20 "$OUT/build.log"; exit 1; }
+fi
 
 failed=0
 check() {  # tool, then the timeline arguments: M K N bits group reps [tile]
