@@ -164,6 +164,21 @@ def test_split_calls_counts_overlapping_kernels_once(rng):
     assert trace.busy_us([]) == 0.0
 
 
+def test_split_calls_counts_overlap_between_calls_once(rng):
+    # each call's kernel starts (as a programmatic dependent) before the previous call's
+    # kernel ends: the overlap belongs to the earlier call, and the calls add up to the union
+    events, t0, busy = [], 0.0, []
+    for c in range(4):
+        dur = rng.uniform(5, 9)
+        start = t0 - (rng.uniform(0.5, 1.5) if c else 0.0)
+        events.append({"ph": "X", "pid": 1, "tid": 7, "ts": start, "dur": dur, "name": "FluteQgemm"})
+        busy.append(start + dur - t0)
+        t0 = start + dur
+    t = trace.split_calls(events, 4)
+    np.testing.assert_allclose(t.per_call_us, busy)
+    assert sum(t.per_call_us) == pytest.approx(trace.busy_us(events))
+
+
 def test_split_calls_refuses_inconsistent_calls(rng):
     durs = rng.uniform(1.0, 30.0, (4, 1))
     ev = _gpu_trace(["k"], 4, durs, extra_kernel_at=1)

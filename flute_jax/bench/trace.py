@@ -131,7 +131,8 @@ class CallTimes:
 
     per_call_us: device time of each call: the time the device was busy with its events
       (the union of their intervals; the sum of their durations when none overlap, and
-      overlapping kernels, e.g. a programmatic dependent launch, counted once); None when
+      overlapping kernels, e.g. a programmatic dependent launch, counted once, also across
+      calls: a stretch that overlaps the previous call is that call's); None when
       the events could not be split into calls (then only ``mean_us`` is known).
     kernels: event names of one call, in start order.
     grouping: "per-call" or why the split failed.
@@ -143,9 +144,9 @@ class CallTimes:
     grouping: str
 
 
-def busy_us(events: Sequence[dict]) -> float:
-    """Length of the union of the events' [ts, ts + dur] intervals (us)."""
-    total, end = 0.0, -math.inf
+def busy_us(events: Sequence[dict], since: float = -math.inf) -> float:
+    """Length of the union of the events' [ts, ts + dur] intervals (us), from ``since`` on."""
+    total, end = 0.0, since
     for e in sorted(events, key=lambda e: float(e["ts"])):
         start, stop = float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))
         if stop > end:
@@ -177,5 +178,11 @@ def split_calls(events: Sequence[dict], n_calls: int) -> CallTimes:
     for i, chunk in enumerate(chunks[1:], 1):
         if Counter(e["name"] for e in chunk) != signature:
             return CallTimes(None, mean, [e["name"] for e in chunks[0]], f"call {i} launched other kernels than call 0")
-    per_call = [busy_us(chunk) for chunk in chunks]
+    # A call's first kernel may start before the previous call's last one ends (a
+    # programmatic dependent launch): that stretch is the previous call's, so that the
+    # calls' times add up to the time the device was busy with them all.
+    per_call, end = [], -math.inf
+    for chunk in chunks:
+        per_call.append(busy_us(chunk, since=end))
+        end = max(end, max(float(e["ts"]) + float(e.get("dur", 0.0)) for e in chunk))
     return CallTimes(per_call, mean, [e["name"] for e in chunks[0]], "per-call")
