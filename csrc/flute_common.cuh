@@ -47,6 +47,9 @@ struct Params {
   // Stream-K partition of columns * k_units (< 2^31) iterations: block b runs
   // iters_per_block + (b < extra_iters) of them, starting at IterBegin(b).
   int iters_per_block, extra_iters;
+  // Launched as a programmatic dependent of the stream's previous kernel (sm_90), which
+  // may have written any operand: every thread waits for it before its first global read.
+  int wait_prior;
 };
 
 // Developer probe (tools/timeline.cu): with FLUTE_JAX_TIMELINE defined, thread 0

@@ -68,6 +68,17 @@ inline bool DependentLaunchAllowed() {
   return allowed;
 }
 
+// Whether FLUTE kernels on the call site's counters start as programmatic dependents
+// of the stream's previous kernel (waiting for it before any operand is read);
+// FLUTE_JAX_PDL_PRIOR=0 turns it off, for comparisons.
+inline bool DependentOnPriorAllowed() {
+  static const bool allowed = [] {
+    const char* off = std::getenv("FLUTE_JAX_PDL_PRIOR");
+    return off == nullptr || off[0] == '\0' || off[0] != '0';
+  }();
+  return allowed;
+}
+
 // Launches `kernel(params)`; with `dependent`, as a programmatic dependent of the
 // stream's previous kernel (it may start before that kernel ends, and waits for
 // it in GridDependencyWait, ptx.cuh). Capture-safe: inside a CUDA graph the

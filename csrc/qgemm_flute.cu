@@ -106,11 +106,19 @@ __global__ void ZeroCountersKernel(int* counters, int count) {
 
 cudaError_t LaunchWithCounters(void (*kernel)(flute::Params), int grid, int threads, int smem,
                                cudaStream_t stream, int count, bool counters_zero, const flute::Params& p) {
-  // Not a programmatic dependent of the stream's previous kernel, which may have
-  // written x (or any other operand) and is not ours to wait for in the kernel.
-  if (counters_zero) return LaunchKernel(kernel, grid, threads, smem, stream, false, p);
-  // sm_90 code waits for the zeroing where it first needs a counter; older code must not start early
+  // sm_90 code may start before the stream's previous kernel ends; older code must not
   const bool dependent = DependentLaunchAllowed() && KernelBinaryVersion(reinterpret_cast<const void*>(kernel)) >= 90;
+  if (counters_zero) {
+    // The call site's counters are zero already. As a programmatic dependent of the
+    // previous kernel (whatever wrote the operands), the grid's launch and setup
+    // overlap that kernel's end; every thread waits for it before reading an operand.
+    if (!dependent || !DependentOnPriorAllowed()) return LaunchKernel(kernel, grid, threads, smem, stream, false, p);
+    flute::Params waiting = p;
+    waiting.wait_prior = 1;
+    return LaunchKernel(kernel, grid, threads, smem, stream, true, waiting);
+  }
+  // Workspace counters: a zeroing kernel, then this grid as its dependent, which waits
+  // for it where it first needs a counter.
   if (dependent) {
     ZeroCountersKernel<<<1, 512, 0, stream>>>(p.counters, count);
   } else {
@@ -146,6 +154,7 @@ cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, cons
                              const void* scales, const void* table, void* y, void* workspace, int* call_counters,
                              const QgemmDims& d, const FlutePlan& plan) {
   flute::Params p;
+  p.wait_prior = 0;
   p.codes = codes;
   p.scales = scales;
   p.table = table;

@@ -139,6 +139,8 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
     }
   }
   __syncthreads();
+  // Only the block's setup above overlaps the previous kernel's end (wait_prior).
+  if (p.wait_prior) ptx::GridDependencyWait();
   if (warp == kWarps) {
     Produce<kBits, T, kMBlocks>(p, it_begin, it_end, lane, ptx::SharedAddress(stages), full0, empty0);
     return;

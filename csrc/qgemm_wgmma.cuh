@@ -159,6 +159,7 @@ __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params 
     }
   }
   __syncthreads();
+  if (p.wait_prior) ptx::GridDependencyWait();  // (as in qgemm_flute.cuh)
   if (warp >= kWarps) {
     ptx::SetMaxRegisters<kProducerRegs, false>();
     ProduceTiles<kBits, T, kMTile, kNB>(p, it_begin, it_end, tid - kConsumers, ptx::SharedAddress(stages), full0, empty0);

@@ -8,11 +8,15 @@ column. These tests check what that design promises (skipped without a GPU):
   gives the bits of independent calls: a counter left non-zero would make a later call
   finish a column early, or never;
 - the results are bitwise those of the old path (`FLUTE_JAX_COUNTERS=workspace`: workspace
-  counters zeroed per launch), computed in a subprocess because the variable is read once.
+  counters zeroed per launch) and of plain launches (`FLUTE_JAX_PDL_PRIOR=0`), computed in a
+  subprocess because the variables are read once;
+- a call whose operands the kernel just before it wrote reads them (on sm_90 the FLUTE
+  kernel starts as a programmatic dependent of that kernel and must wait for it first).
 
 Run on a GPU machine with:  pytest -q tests/test_gpu_counters.py
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -128,8 +132,9 @@ np.save(sys.argv[2], np.asarray(jax.jit(fj.qgemm)(jnp.asarray(raw("x")), qw)).vi
 """
 
 
+@pytest.mark.parametrize("variable,value", [("FLUTE_JAX_COUNTERS", "workspace"), ("FLUTE_JAX_PDL_PRIOR", "0")])
 @pytest.mark.parametrize("m,k,n,bits,group", CASES)
-def test_same_bits_as_workspace_counters(rng, gpu, m, k, n, bits, group, tmp_path):
+def test_same_bits_as_other_launches(rng, gpu, m, k, n, bits, group, variable, value, tmp_path):
     qw = random_weight(rng, k, n, bits, group, jnp.bfloat16)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     y = np.asarray(jax.jit(fj.qgemm)(jax.device_put(x, gpu), jax.device_put(qw, gpu)))
@@ -140,8 +145,29 @@ def test_same_bits_as_workspace_counters(rng, gpu, m, k, n, bits, group, tmp_pat
         arrays[name], arrays[name + "_dtype"] = a.view(f"u{a.dtype.itemsize}"), str(a.dtype)
     np.savez(inputs, codes=np.asarray(qw.codes), bits=qw.bits, group_size=qw.group_size,
              shape=np.asarray(qw.shape), **arrays)
-    env = dict(os.environ, FLUTE_JAX_COUNTERS="workspace", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", **{variable: value})
     run = subprocess.run([sys.executable, "-c", _WORKSPACE_SCRIPT, str(inputs), str(output)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     np.testing.assert_array_equal(np.load(output), y.view(np.uint16))
+
+
+@pytest.mark.parametrize("m,k,n,bits,group", CASES)
+def test_operands_written_just_before(rng, gpu, m, k, n, bits, group):
+    # Every operand is made by a fusion inside the same executable, right before the call:
+    # x times 2, the table and the scales times 2, the codes xor a run-time zero. Powers of
+    # two are exact, so y must be 8x the call on the operands made beforehand, to the bit.
+    # An operand read before the fusion that writes it ends would be its stale (fresh,
+    # never written) buffer.
+    qw = jax.device_put(random_weight(rng, k, n, bits, group, jnp.bfloat16), gpu)
+    x = jax.device_put(jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16), gpu)
+    y = np.asarray(jax.jit(fj.qgemm)(x, qw)).astype(np.float32)
+
+    @jax.jit
+    def made_inside(x, qw, two, zero):
+        made = dataclasses.replace(qw, codes=qw.codes ^ zero, scales=qw.scales * two, table=qw.table * two)
+        return fj.qgemm(x * two, made)
+
+    for _ in range(3):
+        y8 = made_inside(x, qw, jnp.bfloat16(2), jnp.uint32(0))
+        np.testing.assert_array_equal(np.asarray(y8).astype(np.float32), 8 * y)
