@@ -3,7 +3,9 @@
 // period {2, 8}; the group size itself is a run-time argument.
 //
 // Each launch needs its Stream-K counters at zero. The call site's own counters
-// (call_counters.h) are zero already: the kernel leaves them so. Workspace
+// (call_counters.h) are zero already: the kernel leaves them so, and on sm_90 it starts
+// as a programmatic dependent of the stream's previous kernel, which every thread waits
+// for before reading an operand (Params::wait_prior; +~1% of an 8B decode step). Workspace
 // counters are zeroed per launch: on sm_90 a one-block kernel zeroes them and the
 // FLUTE kernel (decode or tile) starts at once as its programmatic dependent,
 // waiting for it only where a block first touches a counter (flute_common.cuh,
