@@ -74,7 +74,7 @@ inline bool DependentLaunchAllowed() {
 inline bool DependentOnPriorAllowed() {
   static const bool allowed = [] {
     const char* off = std::getenv("FLUTE_JAX_PDL_PRIOR");
-    return off == nullptr || off[0] == '\0' || off[0] != '0';
+    return off == nullptr || off[0] != '0';
   }();
   return allowed;
 }

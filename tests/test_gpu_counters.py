@@ -119,7 +119,7 @@ def test_call_site_in_a_loop(rng, gpu, m, k, n, bits, group):
         x = act(y)
 
 
-_WORKSPACE_SCRIPT = r"""
+_FRESH_PROCESS_SCRIPT = r"""
 import sys
 import jax, jax.numpy as jnp, numpy as np
 import flute_jax as fj
@@ -146,7 +146,7 @@ def test_same_bits_as_other_launches(rng, gpu, m, k, n, bits, group, variable, v
     np.savez(inputs, codes=np.asarray(qw.codes), bits=qw.bits, group_size=qw.group_size,
              shape=np.asarray(qw.shape), **arrays)
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", **{variable: value})
-    run = subprocess.run([sys.executable, "-c", _WORKSPACE_SCRIPT, str(inputs), str(output)],
+    run = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_SCRIPT, str(inputs), str(output)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     np.testing.assert_array_equal(np.load(output), y.view(np.uint16))
