@@ -18,7 +18,8 @@ Three paths, all within the format's tolerances of the float64 reference:
 
 The rule is thresholds on M, from H100 measurements (BENCHMARKS.md): M <=
 ``DECODE_MAX_M`` takes ``mma``; above it a Hopper GPU takes ``wgmma`` up to
-``TILE_MAX_M`` and ``dense`` beyond; other GPUs take ``mma`` up to ``KERNEL_MAX_M`` and
+``tile_max_m(device_kind)`` (``TILE_MAX_M``, or the GPU's entry in ``TILE_MAX_M_BY_GPU``)
+and ``dense`` beyond; other GPUs take ``mma`` up to ``KERNEL_MAX_M`` and
 ``dense`` beyond. Device time per call, 4-bit g128 bf16, H100, 2026-11-24 (tile kernel
 v7, dense path with the CUDA dequantize kernel):
 
@@ -37,6 +38,18 @@ v7, dense path with the CUDA dequantize kernel):
     8192 x 8192       83 / 282 us        166 / 282 us         337 / 285 us
     8192 x 57344     489 / 1950 us       974 / 1961 us       1935 / 2041 us
 
+On an H200 (4.8 TB/s against the H100's 3.35, the same tensor cores) the dense path's
+extra bytes cost less, and it overtakes the tile kernel earlier. Device time per call,
+4-bit g128 bf16, H200, 2026-11-30 (tile kernel v12c; geomean over the 8 Llama-3 8B/70B
+TP1 shapes; ``docs/bench/h200-2026-11-30-s13-dispatch-*.json``):
+
+    M                               128      256      384
+    tile kernel, x over bf16 dot   0.66x    0.52x    0.53x
+    dense path, x over bf16 dot    0.47x    0.53x    0.62x
+
+    (dense wins 4 of 8 shapes at M = 256, 7 of 8 at 384; the decode kernel against
+    the tile kernel at M = 24 / 32 / 48 / 64: 0.98 / 0.90 / 0.53 / 0.51 of its speed)
+
 The environment variable ``FLUTE_JAX_GPU_PATH`` (``mma``, ``wgmma`` or ``dense``)
 overrides the rule, for measuring the paths against each other; users never need it.
 A forced ``wgmma`` on a GPU without it runs ``mma``.
@@ -44,7 +57,10 @@ A forced ``wgmma`` on a GPU without it runs ``mma``.
 
 from __future__ import annotations
 
+import functools
 import os
+
+import jax
 
 # Largest M that the decode kernel takes when the tile kernel can run instead. From 17
 # rows the decode kernel runs its 32-row instance, which the tile kernel beats (H100,
@@ -52,8 +68,11 @@ import os
 # tile 1.41x; at M = 32 decode 1.13x, tile 1.45x).
 DECODE_MAX_M = 16
 # Largest M that the tile kernel takes: beyond it one dequantization plus XLA's dot
-# (near the tensor-core peak) beats the tile kernel's multiply rate (they tie at 384).
+# (near the tensor-core peak) beats the tile kernel's multiply rate (they tie at 384 on
+# an H100). TILE_MAX_M_BY_GPU overrides it for GPUs whose device kind contains the key:
+# on an H200 the two tie at 256 and dense is 1.17x faster at 384 (above).
 TILE_MAX_M = 384
+TILE_MAX_M_BY_GPU = {"H200": 256}
 # Largest M that the decode kernel takes on GPUs without wgmma. Above it the kernel's
 # re-reads of the weight (one pass per 32 rows) cost more than one dequantization
 # plus a tensor-core dot.
@@ -62,10 +81,32 @@ KERNEL_MAX_M = 192
 PATHS = ("mma", "wgmma", "dense")
 
 
-def gpu_path(m: int, k: int, n: int, bits: int, *, wgmma: bool) -> str:
+def tile_max_m(device_kind: str = "") -> int:
+    """The largest M that the tile kernel takes on a GPU of this JAX ``device_kind``."""
+    for key, m in TILE_MAX_M_BY_GPU.items():
+        if key in device_kind:
+            return m
+    return TILE_MAX_M
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_device_kind() -> str:
+    """The first local GPU's ``device_kind`` (e.g. "NVIDIA H200"), or "" without one.
+
+    Like ``cuda_has_wgmma``, this assumes the process's GPUs are alike.
+    """
+    try:
+        return jax.local_devices(backend="gpu")[0].device_kind
+    except RuntimeError:  # no GPU backend (CPU-only machines still lower for CUDA)
+        return ""
+
+
+def gpu_path(m: int, k: int, n: int, bits: int, *, wgmma: bool, device_kind: str = "") -> str:
     """``"mma"``, ``"wgmma"`` or ``"dense"`` for an ``[m, k] x [k, n]`` qgemm at ``bits``.
 
     ``wgmma``: whether the GPU runs the tile kernel (``flute_jax._ffi.cuda_has_wgmma()``).
+    ``device_kind``: the GPU's JAX device kind (``gpu_device_kind()``), for the
+    GPU-specific thresholds; "" takes the defaults.
     """
     forced = os.environ.get("FLUTE_JAX_GPU_PATH", "").strip().lower()
     if forced:
@@ -75,5 +116,5 @@ def gpu_path(m: int, k: int, n: int, bits: int, *, wgmma: bool) -> str:
     if m <= DECODE_MAX_M:
         return "mma"
     if wgmma:
-        return "wgmma" if m <= TILE_MAX_M else "dense"
+        return "wgmma" if m <= tile_max_m(device_kind) else "dense"
     return "mma" if m <= KERNEL_MAX_M else "dense"

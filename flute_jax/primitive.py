@@ -51,7 +51,9 @@ def _lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
 def _cuda_lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
     x_aval, scales_aval = ctx.avals_in[0], ctx.avals_in[2]
     m, k = x_aval.shape
-    path = dispatch.gpu_path(m, k, scales_aval.shape[1], bits, wgmma=_ffi.cuda_has_wgmma())
+    path = dispatch.gpu_path(
+        m, k, scales_aval.shape[1], bits, wgmma=_ffi.cuda_has_wgmma(), device_kind=dispatch.gpu_device_kind()
+    )
     if path == "dense":
         dense = functools.partial(dense_qgemm, bits=bits, group_size=group_size, cuda=True)
         return mlir.lower_fun(dense, multiple_results=False)(ctx, x, codes, scales, table)

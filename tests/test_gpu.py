@@ -75,10 +75,11 @@ def test_gpu_empty_batch(rng, gpu):
 
 @pytest.mark.parametrize("bits,dtype", [(4, "bfloat16"), (3, "float16"), (2, "float32")])
 def test_large_m_takes_the_dense_path(rng, gpu, monkeypatch, bits, dtype):
-    # Above dispatch.TILE_MAX_M (KERNEL_MAX_M without wgmma) the CUDA lowering
+    # Above the tile kernel's largest M (KERNEL_MAX_M without wgmma) the CUDA lowering
     # dequantizes once and runs XLA's dot.
     monkeypatch.delenv("FLUTE_JAX_GPU_PATH", raising=False)
-    m = (fj.dispatch.TILE_MAX_M if _ffi.cuda_has_wgmma() else fj.dispatch.KERNEL_MAX_M) + 72
+    tile_max = fj.dispatch.tile_max_m(fj.dispatch.gpu_device_kind())
+    m = (tile_max if _ffi.cuda_has_wgmma() else fj.dispatch.KERNEL_MAX_M) + 72
     x = jax.ShapeDtypeStruct((m, 520), jnp.dtype(dtype))
     qw = random_weight(rng, 520, 136, bits, 64, jnp.dtype(dtype))
     assert "flute_qgemm" not in jax.jit(fj.qgemm).trace(x, qw).lower().as_text()

@@ -37,14 +37,28 @@ def gpu():
     return jax.devices("gpu")[0]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_lowerings():
+    # The path is chosen at lowering time: drop lowerings cached by other modules under
+    # the automatic path, and leave none of ours behind.
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(autouse=True)
-def _automatic_path(monkeypatch):
-    monkeypatch.delenv("FLUTE_JAX_GPU_PATH", raising=False)
+def _tile_path(monkeypatch):
+    # These tests are about the tile kernel: it runs at every M here, also where the
+    # plan gives M to the dense path (on an H200 from 257 rows; dispatch.TILE_MAX_M_BY_GPU).
+    monkeypatch.setenv("FLUTE_JAX_GPU_PATH", "wgmma")
 
 
-def test_plan_takes_the_tile_kernel():
+def test_plan_takes_the_tile_kernel(monkeypatch):
+    monkeypatch.delenv("FLUTE_JAX_GPU_PATH")
+    kind = dispatch.gpu_device_kind()
     for m in (33, 64, 128, 4096):
-        assert dispatch.gpu_path(m, 4096, 4096, 4, wgmma=True) == ("wgmma" if m <= dispatch.TILE_MAX_M else "dense")
+        expected = "wgmma" if m <= dispatch.tile_max_m(kind) else "dense"
+        assert dispatch.gpu_path(m, 4096, 4096, 4, wgmma=True, device_kind=kind) == expected
         plan = _ffi.cuda_plan(m, 4096, 4096, 128, 4, jnp.bfloat16, wgmma=True)
         assert plan["kernel"] == "flute_wgmma" and plan["workspace_bytes"] > 0
         # 4096 x 4096: 256-wide columns once M gives enough Stream-K iterations per block
