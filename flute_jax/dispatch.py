@@ -16,7 +16,7 @@ Three paths, all within the format's tolerances of the float64 reference:
     16-bit weight, which long prefills amortize; also the large-M path of GPUs without
     wgmma, where the decode kernel would stream the weight ``ceil(M / 32)`` times.
 
-The rule is thresholds on M, from H100 measurements (BENCHMARKS.md): M <=
+The rule is thresholds on M, from H100 and H200 measurements (BENCHMARKS.md): M <=
 ``DECODE_MAX_M`` takes ``mma``; above it a Hopper GPU takes ``wgmma`` up to
 ``tile_max_m(device_kind)`` (``TILE_MAX_M``, or the GPU's entry in ``TILE_MAX_M_BY_GPU``)
 and ``dense`` beyond; other GPUs take ``mma`` up to ``KERNEL_MAX_M`` and
