@@ -36,7 +36,8 @@
 // reads of 8 rows at one k hit 8 different bank groups. (The plain layout, rows
 // of one k 4 KB apart, ran 4.5x below the tensor-core rate on an H100.) Atoms of
 // consecutive 8-token blocks are adjacent (1 KB apart); the four 64-k quarters of
-// a unit follow each other.
+// a unit follow each other. A quarter is exactly what the TMA unit writes for a box
+// of 64 k x the tile's rows with CU_TENSOR_MAP_SWIZZLE_128B at a 1 KB-aligned address.
 #pragma once
 
 #include "flute_common.cuh"
@@ -77,42 +78,42 @@ struct TileSmem {
   static constexpr int kDynamic = Table::kReserve + (kAtomBytes - 16) + kStages * kStageBytes;
 };
 
-// The producer warpgroup, as the decode kernel's producer warp, with x stored in
-// swizzled atoms. One warp's pass copies 8 tokens x 4 k-chunks of one atom: its
-// shared-memory writes are conflict-free (each chunk column lands in 8 distinct
-// bank groups) and each token row reads 64 contiguous bytes. Rows past M are left
-// as they are (their outputs, which depend on nothing else, are never stored); k
-// past K is zero (the padded codes there are table[0], not zero). `lane` is the
-// thread's index in the producer warpgroup.
+// The producer warpgroup. One thread has the TMA unit copy each stage's x tile (four
+// boxes of 64 k x kMTile rows; x_map, the generic address of the kernel's tensor-map
+// argument, lays them out in the swizzled atoms above; rows past M and k past K
+// arrive as zeros) and the column's codes (one bulk copy:
+// units past N are skipped), all counted against the stage's "full" barrier; the 128
+// threads copy the scale rows with cp.async and arrive on the barrier once those
+// land. (With cp.async for x and codes too, the producers issued about 30% of the
+// block's instructions, on the schedulers the consumers need: ncu, H200.) `lane` is
+// the thread's index in the producer warpgroup.
 template <int kBits, typename T, int kMTile, int kNB>
-__device__ __forceinline__ void ProduceTiles(const Params& p, int it_begin, int it_end, int lane, uint32_t stage0,
-                                             uint32_t full0, uint32_t empty0) {
+__device__ __forceinline__ void ProduceTiles(const Params& p, uint64_t x_map, int it_begin, int it_end, int lane,
+                                             uint32_t stage0, uint32_t full0, uint32_t empty0) {
   using S = TileSmem<kBits, kMTile, kNB>;
-  constexpr int kPasses = kUnitK / 8 / (kProducers / 8);  // 16-byte chunks of a token row per thread
-  const int token_in_block = lane & 7, chunk_in_pass = lane >> 3;
+  constexpr int kUnits = S::kColumn / 16;             // 16-feature units of a column
+  constexpr uint32_t kUnitBytes = 128 * kBits * 4;  // one unit's codes
   const int cc0 = it_begin / p.k_units;
   int tile = cc0 / p.columns, c = cc0 % p.columns, u = it_begin % p.k_units;
   int s = 0;
   uint32_t parity = 0;  // of stage s's current use
   for (int it = it_begin; it < it_end; ++it) {
     if (it - it_begin >= S::kStages) ptx::MbarWait(empty0 + 8 * s, parity ^ 1);
-    const uint32_t base = stage0 + s * S::kStageBytes;
-    CopyCodesAndScales<kBits, T, kProducers, S::kColumn>(p, c, u, lane, base + S::kXBytes,
-                                                         base + S::kXBytes + S::kCodeBytes);
-    const int rows = min(kMTile, p.m - tile * kMTile);
-    const T* x = static_cast<const T*>(p.x) + static_cast<int64_t>(tile) * kMTile * p.k;
-    for (int tb = 0; tb < kMTile / 8 && 8 * tb < rows; ++tb) {
-      const int n = 8 * tb + token_in_block;
-      const T* row = x + static_cast<int64_t>(n) * p.k;
+    const uint32_t base = stage0 + s * S::kStageBytes, full = full0 + 8 * s;
+    if (lane == 0) {
+      const int units = min(kUnits, p.n_blocks - c * kUnits);
+      // The expected bytes are set before any copy is issued (and before this thread's
+      // arrival, without which the phase cannot complete).
+      ptx::MbarExpectTx(full, S::kXBytes + units * kUnitBytes);
 #pragma unroll
-      for (int pass = 0; pass < kPasses; ++pass) {
-        const int j = (kProducers / 8) * pass + chunk_in_pass, kk = u * kUnitK + 8 * j;
-        const uint32_t dst = base + (j / 8) * S::kQuarterBytes + tb * kAtomBytes + token_in_block * 128 +
-                             ((j % 8) ^ token_in_block) * 16;
-        if (n < rows) ptx::CpAsync16(dst, kk < p.k ? row + kk : x, kk < p.k);
-      }
+      for (int q = 0; q < kUnitK / kAtomK; ++q)
+        ptx::TensorCopy2d(base + q * S::kQuarterBytes, x_map, u * kUnitK + q * kAtomK, tile * kMTile, full);
+      ptx::BulkCopyToShared(base + S::kXBytes,
+                            p.codes + (static_cast<int64_t>(u) * p.n_blocks + c * kUnits) * (128 * kBits),
+                            units * kUnitBytes, full);
     }
-    ptx::MbarArriveOnCopies(full0 + 8 * s);
+    CopyScales<T, kProducers, S::kColumn>(p, c, u, lane, base + S::kXBytes + S::kCodeBytes);
+    ptx::MbarArriveOnCopies(full);
     if (++u == p.k_units) {
       u = 0;
       if (++c == p.columns) { c = 0; ++tile; }
@@ -132,7 +133,8 @@ __device__ __forceinline__ uint32_t ScalePair(uint32_t v, typename Vec2<T>::type
 }
 
 template <int kBits, typename T, int kMTile, int kNB>
-__global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params p) {
+__global__ void __launch_bounds__(kTileThreads, 1)
+    FluteTileKernel(const Params p, const __grid_constant__ CUtensorMap x_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = TileSmem<kBits, kMTile, kNB>;
   using T2 = typename Vec2<T>::type;
@@ -162,7 +164,8 @@ __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params 
   if (p.wait_prior) ptx::GridDependencyWait();  // (as in qgemm_flute.cuh)
   if (warp >= kWarps) {
     ptx::SetMaxRegisters<kProducerRegs, false>();
-    ProduceTiles<kBits, T, kMTile, kNB>(p, it_begin, it_end, tid - kConsumers, ptx::SharedAddress(stages), full0, empty0);
+    ProduceTiles<kBits, T, kMTile, kNB>(p, reinterpret_cast<uint64_t>(&x_map), it_begin, it_end, tid - kConsumers,
+                                        ptx::SharedAddress(stages), full0, empty0);
     return;
   }
   ptx::SetMaxRegisters<kConsumerRegs, true>();
@@ -187,7 +190,8 @@ __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params 
   };
   for (int it = it_begin; it < it_end; ++it) {
     ptx::MbarWait(full0 + 8 * s, parity);
-    ptx::FenceProxyAsync();  // the producer's cp.async writes, before the tensor cores read them
+    // (No proxy fence: x, the only operand the tensor cores read from shared memory,
+    // was written by the TMA unit, in the same async proxy.)
     const unsigned char* base = stages + s * S::kStageBytes;
     uint32_t w[kNB][4 * kBits];
 #pragma unroll
