@@ -84,7 +84,7 @@ struct TileSmem {
 // arrive as zeros) and the column's codes (one bulk copy:
 // units past N are skipped), all counted against the stage's "full" barrier; the 128
 // threads copy the scale rows with cp.async and arrive on the barrier once those
-// land. (With cp.async for x and codes too, the producers issued about 30% of the
+// land. (With cp.async for x and codes too, the producers issued about 28% of the
 // block's instructions, on the schedulers the consumers need: ncu, H200.) `lane` is
 // the thread's index in the producer warpgroup.
 template <int kBits, typename T, int kMTile, int kNB>
