@@ -181,90 +181,92 @@ __global__ void __launch_bounds__(kTileThreads, 1)
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[h][i][j] = 0.f;
 
-  const int cc0 = it_begin / p.k_units;
-  int tile = cc0 / p.columns, c = cc0 % p.columns, u = it_begin % p.k_units;
   int s = 0, pending = -1;  // pending: a stage whose wgmmas may still be running
   uint32_t parity = 0;
   auto release = [&](int stage) {  // every consumer thread, as in the decode kernel
     ptx::MbarArrive(empty0 + 8 * stage);
   };
-  for (int it = it_begin; it < it_end; ++it) {
-    ptx::MbarWait(full0 + 8 * s, parity);
-    // (No proxy fence: x, the only operand the tensor cores read from shared memory,
-    // was written by the TMA unit, in the same async proxy.)
-    const unsigned char* base = stages + s * S::kStageBytes;
-    uint32_t w[kNB][4 * kBits];
+  // Segments: the block's iterations of one Stream-K column. The accumulators are
+  // touched only after a segment's loop, behind wgmma.wait_group 0, so the loop over a
+  // segment's units has no path that reads them while wgmmas run: with the end of a
+  // segment tested inside that loop, ptxas could not tell and waited for every wgmma
+  // at the end of each unit ("warpgroup.wait is injected", C7517), draining the
+  // tensor cores 16 k-tiles apart.
+  for (int it = it_begin; it < it_end;) {
+    const int cc = it / p.k_units;  // the segment's column
+    const int segment_end = min(it_end, (cc + 1) * p.k_units);
+    for (; it < segment_end; ++it) {
+      ptx::MbarWait(full0 + 8 * s, parity);
+      // (No proxy fence: x, the only operand the tensor cores read from shared memory,
+      // was written by the TMA unit, in the same async proxy.)
+      const unsigned char* base = stages + s * S::kStageBytes;
+      uint32_t w[kNB][4 * kBits];
 #pragma unroll
-    for (int h = 0; h < kNB; ++h)
-      LoadCodes<kBits>(reinterpret_cast<const uint32_t*>(base + S::kXBytes) + (h * kWarps + warp) * 128 * kBits,
-                       lane, w[h]);
-    const T* ss = reinterpret_cast<const T*>(base + S::kXBytes + S::kCodeBytes) + warp * 16 + r;
-    // k-tile t's B: 32 bytes at (t % 4) * 32 into the rows of quarter t / 4's atoms.
-    const uint64_t desc0 = ptx::MatrixDescriptorSwizzle128(ptx::SharedAddress(base), kAtomBytes);
-    uint32_t a[kABuffers][kNB][4];  // a ring of single k-tiles' A fragments per N-block
-    T2 s_lo[kNB], s_hi[kNB];        // rows r and r + 8 of each N-block's 16 features
+      for (int h = 0; h < kNB; ++h)
+        LoadCodes<kBits>(reinterpret_cast<const uint32_t*>(base + S::kXBytes) + (h * kWarps + warp) * 128 * kBits,
+                         lane, w[h]);
+      const T* ss = reinterpret_cast<const T*>(base + S::kXBytes + S::kCodeBytes) + warp * 16 + r;
+      // k-tile t's B: 32 bytes at (t % 4) * 32 into the rows of quarter t / 4's atoms.
+      const uint64_t desc0 = ptx::MatrixDescriptorSwizzle128(ptx::SharedAddress(base), kAtomBytes);
+      uint32_t a[kABuffers][kNB][4];  // a ring of single k-tiles' A fragments per N-block
+      T2 s_lo[kNB], s_hi[kNB];        // rows r and r + 8 of each N-block's 16 features
 #pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-      // Buffer t % kABuffers was read by k-tile t - kABuffers (of this unit or the
-      // last): wait until at most kABuffers - 1 tiles' wgmmas are still running.
-      ptx::WgmmaWait<kABuffers - 1>();
-      if (t == kABuffers - 1 && pending >= 0) {  // the previous unit's wgmmas have all completed
-        release(pending);
-        pending = -1;
-      }
-      // Scale groups are >= 32 rows and start at even k-tiles: one pair of scale
-      // reads per N-block serves two k-tiles.
-      if (t % 2 == 0) {
-        const int g = t >> p.group_shift;
+      for (int t = 0; t < kTiles; ++t) {
+        // Buffer t % kABuffers was read by k-tile t - kABuffers (of this unit or the
+        // last): wait until at most kABuffers - 1 tiles' wgmmas are still running.
+        ptx::WgmmaWait<kABuffers - 1>();
+        if (t == kABuffers - 1 && pending >= 0) {  // the previous unit's wgmmas have all completed
+          release(pending);
+          pending = -1;
+        }
+        // Scale groups are >= 32 rows and start at even k-tiles: one pair of scale
+        // reads per N-block serves two k-tiles.
+        if (t % 2 == 0) {
+          const int g = t >> p.group_shift;
+#pragma unroll
+          for (int h = 0; h < kNB; ++h) {
+            s_lo[h].x = s_lo[h].y = ss[g * S::kColumn + h * kColumnN];
+            s_hi[h].x = s_hi[h].y = ss[g * S::kColumn + h * kColumnN + 8];
+          }
+        }
 #pragma unroll
         for (int h = 0; h < kNB; ++h) {
-          s_lo[h].x = s_lo[h].y = ss[g * S::kColumn + h * kColumnN];
-          s_hi[h].x = s_hi[h].y = ss[g * S::kColumn + h * kColumnN + 8];
+          uint32_t (&frag)[4] = a[t % kABuffers][h];
+          LookupTile<kBits, S::kCopies>(w[h], t, lane_addr, frag);
+          frag[0] = ScalePair<T>(frag[0], s_lo[h]);
+          frag[1] = ScalePair<T>(frag[1], s_hi[h]);
+          frag[2] = ScalePair<T>(frag[2], s_lo[h]);
+          frag[3] = ScalePair<T>(frag[3], s_hi[h]);
         }
+        ptx::WgmmaFence();
+#pragma unroll
+        for (int h = 0; h < kNB; ++h)
+          ptx::Wgmma<kMTile, T>(acc[h], a[t % kABuffers][h],
+                                desc0 + (((t / 4) * S::kQuarterBytes + (t % 4) * 32) >> 4));
+        ptx::WgmmaCommit();
       }
-#pragma unroll
-      for (int h = 0; h < kNB; ++h) {
-        uint32_t (&frag)[4] = a[t % kABuffers][h];
-        LookupTile<kBits, S::kCopies>(w[h], t, lane_addr, frag);
-        frag[0] = ScalePair<T>(frag[0], s_lo[h]);
-        frag[1] = ScalePair<T>(frag[1], s_hi[h]);
-        frag[2] = ScalePair<T>(frag[2], s_lo[h]);
-        frag[3] = ScalePair<T>(frag[3], s_hi[h]);
-      }
-      ptx::WgmmaFence();
-#pragma unroll
-      for (int h = 0; h < kNB; ++h)
-        ptx::Wgmma<kMTile, T>(acc[h], a[t % kABuffers][h], desc0 + (((t / 4) * S::kQuarterBytes + (t % 4) * 32) >> 4));
-      ptx::WgmmaCommit();
+      pending = s;
+      if (++s == kStages) { s = 0; parity ^= 1; }
     }
-    pending = s;
-
-    // End of a segment: the column is done, or this block's range ends.
-    if (u == p.k_units - 1 || it + 1 == it_end) {
-      ptx::WgmmaWait<0>();
+    // End of the segment: the column is done, or this block's range ends.
+    ptx::WgmmaWait<0>();
 #pragma unroll
-      for (int h = 0; h < kNB; ++h)
+    for (int h = 0; h < kNB; ++h)
 #pragma unroll
-        for (int i = 0; i < kChunks; ++i)
+      for (int i = 0; i < kChunks; ++i)
 #pragma unroll
-          for (int j = 0; j < 4; ++j) ptx::KeepOrder(acc[h][i][j]);
-      release(pending);
-      pending = -1;
-      FinishColumn<T, kChunks, kNB>(p, tile * p.columns + c, c,
-                                    static_cast<T*>(p.y) + static_cast<int64_t>(tile) * kMTile * p.n,
-                                    min(kMTile, p.m - tile * kMTile), acc, &s_is_last);
+        for (int j = 0; j < 4; ++j) ptx::KeepOrder(acc[h][i][j]);
+    release(pending);
+    pending = -1;
+    const int tile = cc / p.columns, c = cc % p.columns;
+    FinishColumn<T, kChunks, kNB>(p, cc, c, static_cast<T*>(p.y) + static_cast<int64_t>(tile) * kMTile * p.n,
+                                  min(kMTile, p.m - tile * kMTile), acc, &s_is_last);
 #pragma unroll
-      for (int h = 0; h < kNB; ++h)
+    for (int h = 0; h < kNB; ++h)
 #pragma unroll
-        for (int i = 0; i < kChunks; ++i)
+      for (int i = 0; i < kChunks; ++i)
 #pragma unroll
-          for (int j = 0; j < 4; ++j) acc[h][i][j] = 0.f;
-    }
-    if (++u == p.k_units) {
-      u = 0;
-      if (++c == p.columns) { c = 0; ++tile; }
-    }
-    if (++s == kStages) { s = 0; parity ^= 1; }
+        for (int j = 0; j < 4; ++j) acc[h][i][j] = 0.f;
   }
   if (tid == 0) ptx::GridDependencyWait();  // with workspace counters: end after the kernel that zeroed them (FinishColumn)
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
