@@ -223,13 +223,6 @@ __device__ __forceinline__ void CopyScales(const Params& p, int c, int u, int la
   }
 }
 
-template <int kBits, typename T, int kLanes = 32, int kColumn = kColumnN>
-__device__ __forceinline__ void CopyCodesAndScales(const Params& p, int c, int u, int lane, uint32_t codes_dst,
-                                                   uint32_t scales_dst) {
-  CopyCodes<kBits, kLanes, kColumn>(p, c, u, lane, codes_dst);
-  CopyScales<T, kLanes, kColumn>(p, c, u, lane, scales_dst);
-}
-
 // Where this lane's values of a column go, for FinishColumn and ReduceColumn: value
 // (h, i, j) of the lane is output row 8 i + 2 q + (j & 1) and feature r + 8 (j >> 1)
 // of the warp's N-block h * 8 + warp of feature column c (mma accumulator order,

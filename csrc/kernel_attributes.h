@@ -79,13 +79,13 @@ inline bool DependentOnPriorAllowed() {
   return allowed;
 }
 
-// Launches `kernel(params)`; with `dependent`, as a programmatic dependent of the
-// stream's previous kernel (it may start before that kernel ends, and waits for
-// it in GridDependencyWait, ptx.cuh). Capture-safe: inside a CUDA graph the
+// Launches `kernel(params, extra...)`; with `dependent`, as a programmatic dependent
+// of the stream's previous kernel (it may start before that kernel ends, and waits
+// for it in GridDependencyWait, ptx.cuh). Capture-safe: inside a CUDA graph the
 // dependency becomes a programmatic edge.
-template <typename Params>
-cudaError_t LaunchKernel(void (*kernel)(Params), int grid, int threads, int smem, cudaStream_t stream,
-                         bool dependent, const Params& params) {
+template <typename Params, typename... Extra>
+cudaError_t LaunchKernel(void (*kernel)(Params, Extra...), int grid, int threads, int smem, cudaStream_t stream,
+                         bool dependent, const Params& params, const Extra&... extra) {
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(grid);
   config.blockDim = dim3(threads);
@@ -96,7 +96,7 @@ cudaError_t LaunchKernel(void (*kernel)(Params), int grid, int threads, int smem
   attribute.val.programmaticStreamSerializationAllowed = 1;
   config.attrs = &attribute;
   config.numAttrs = dependent ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, params);
+  return cudaLaunchKernelEx(&config, kernel, params, extra...);
 }
 
 }  // namespace flute_jax

@@ -66,6 +66,19 @@ __device__ __forceinline__ void BulkCopyToShared(uint32_t smem, const void* gmem
                : "memory");
 #endif
 }
+// sm_90: the box at coordinates (c0 innermost, c1) of the tensor that the
+// CUtensorMap at generic address `tensor_map` (a __grid_constant__ kernel parameter)
+// describes, copied by the TMA unit to `smem` in the map's layout and swizzle;
+// elements outside the tensor read as zero. The box's bytes count against `bar`.
+__device__ __forceinline__ void TensorCopy2d(uint32_t smem, uint64_t tensor_map, int c0, int c1, uint32_t bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          smem),
+      "l"(tensor_map), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+#endif
+}
 // Wait until the phase with the given parity has completed (acquire).
 __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
   uint32_t done;

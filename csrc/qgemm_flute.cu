@@ -106,18 +106,21 @@ __global__ void ZeroCountersKernel(int* counters, int count) {
 
 }  // namespace
 
-cudaError_t LaunchWithCounters(void (*kernel)(flute::Params), int grid, int threads, int smem,
-                               cudaStream_t stream, int count, bool counters_zero, const flute::Params& p) {
+template <typename... Extra>
+cudaError_t LaunchWithCounters(void (*kernel)(flute::Params, Extra...), int grid, int threads, int smem,
+                               cudaStream_t stream, int count, bool counters_zero, const flute::Params& p,
+                               const Extra&... extra) {
   // sm_90 code may start before the stream's previous kernel ends; older code must not
   const bool dependent = DependentLaunchAllowed() && KernelBinaryVersion(reinterpret_cast<const void*>(kernel)) >= 90;
   if (counters_zero) {
     // The call site's counters are zero already. As a programmatic dependent of the
     // previous kernel (whatever wrote the operands), the grid's launch and setup
     // overlap that kernel's end; every thread waits for it before reading an operand.
-    if (!dependent || !DependentOnPriorAllowed()) return LaunchKernel(kernel, grid, threads, smem, stream, false, p);
+    if (!dependent || !DependentOnPriorAllowed())
+      return LaunchKernel(kernel, grid, threads, smem, stream, false, p, extra...);
     flute::Params waiting = p;
     waiting.wait_prior = 1;
-    return LaunchKernel(kernel, grid, threads, smem, stream, true, waiting);
+    return LaunchKernel(kernel, grid, threads, smem, stream, true, waiting, extra...);
   }
   // Workspace counters: a zeroing kernel, then this grid as its dependent, which waits
   // for it where it first needs a counter.
@@ -129,8 +132,14 @@ cudaError_t LaunchWithCounters(void (*kernel)(flute::Params), int grid, int thre
   }
   const cudaError_t s = cudaGetLastError();
   if (s != cudaSuccess) return s;
-  return LaunchKernel(kernel, grid, threads, smem, stream, dependent, p);
+  return LaunchKernel(kernel, grid, threads, smem, stream, dependent, p, extra...);
 }
+// The decode kernel's signature, and the tile kernel's (which also takes x's tensor map).
+template cudaError_t LaunchWithCounters<>(void (*)(flute::Params), int, int, int, cudaStream_t, int, bool,
+                                          const flute::Params&);
+template cudaError_t LaunchWithCounters<CUtensorMap>(void (*)(flute::Params, CUtensorMap), int, int, int,
+                                                     cudaStream_t, int, bool, const flute::Params&,
+                                                     const CUtensorMap&);
 
 FlutePlan MakeFlutePlan(int64_t m, int64_t k, int64_t n, int64_t group_rows, int bits, bool is_half_type,
                         bool bf16, bool want_wgmma) {
@@ -181,8 +190,11 @@ cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, cons
     p.m = static_cast<int>(d.m);
     p.x = x;
     p.y = y;
+    CUtensorMap x_map;
+    const cudaError_t s = EncodeTileXMap(&x_map, x, d.m, d.k, plan.rows_per_launch, bf16);
+    if (s != cudaSuccess) return s;
     return LaunchFluteTile(stream, static_cast<int>(d.bits), bf16, plan.rows_per_launch, plan.column_n, plan.grid,
-                           counters, counters_zero, p);
+                           counters, counters_zero, p, x_map);
   }
   const int flush = FlushTiles(d.group_rows, d.groups);
   constexpr int kElementBytes = 2;

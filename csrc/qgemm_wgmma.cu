@@ -2,6 +2,7 @@
 // Templates: bits {2, 3, 4} x dtype {f16, bf16} x rows {64, 128} x column {128, 256}. The sm_80 pass
 // compiles empty bodies; the host launches them only on compute capability 9.0.
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
 #include <atomic>
 #include <type_traits>
@@ -86,12 +87,37 @@ int FluteTileBlocksPerSm(int bits, bool bf16, int m_tile, int column_n) {
   return blocks;
 }
 
+cudaError_t EncodeTileXMap(CUtensorMap* map, const void* x, int64_t m, int64_t k, int m_tile, bool bf16) {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();  // not sticky
+      fn = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  constexpr int kElementBytes = 2;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(m)};  // innermost first
+  const cuuint64_t row_pitch[1] = {static_cast<cuuint64_t>(k) * kElementBytes};       // bytes, a multiple of 16
+  const cuuint32_t box[2] = {flute::kAtomK, static_cast<cuuint32_t>(m_tile)};           // 128 bytes x the tile
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult r = encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+                            const_cast<void*>(x), dims, row_pitch, box, element_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 cudaError_t LaunchFluteTile(cudaStream_t stream, int bits, bool bf16, int m_tile, int column_n, int grid,
-                            int counters, bool counters_zero, const flute::Params& p) {
+                            int counters, bool counters_zero, const flute::Params& p, const CUtensorMap& x_map) {
   return WithTileKernel(bits, bf16, m_tile, column_n, [&](auto kernel, int smem) {
     const cudaError_t s = Prepare(kernel, smem);
     if (s != cudaSuccess) return s;
-    return LaunchWithCounters(kernel, grid, flute::kTileThreads, smem, stream, counters, counters_zero, p);
+    return LaunchWithCounters(kernel, grid, flute::kTileThreads, smem, stream, counters, counters_zero, p, x_map);
   });
 }
 

@@ -36,7 +36,8 @@
 // reads of 8 rows at one k hit 8 different bank groups. (The plain layout, rows
 // of one k 4 KB apart, ran 4.5x below the tensor-core rate on an H100.) Atoms of
 // consecutive 8-token blocks are adjacent (1 KB apart); the four 64-k quarters of
-// a unit follow each other.
+// a unit follow each other. A quarter is exactly what the TMA unit writes for a box
+// of 64 k x the tile's rows with CU_TENSOR_MAP_SWIZZLE_128B at a 1 KB-aligned address.
 #pragma once
 
 #include "flute_common.cuh"
@@ -77,42 +78,42 @@ struct TileSmem {
   static constexpr int kDynamic = Table::kReserve + (kAtomBytes - 16) + kStages * kStageBytes;
 };
 
-// The producer warpgroup, as the decode kernel's producer warp, with x stored in
-// swizzled atoms. One warp's pass copies 8 tokens x 4 k-chunks of one atom: its
-// shared-memory writes are conflict-free (each chunk column lands in 8 distinct
-// bank groups) and each token row reads 64 contiguous bytes. Rows past M are left
-// as they are (their outputs, which depend on nothing else, are never stored); k
-// past K is zero (the padded codes there are table[0], not zero). `lane` is the
-// thread's index in the producer warpgroup.
+// The producer warpgroup. One thread has the TMA unit copy each stage's x tile (four
+// boxes of 64 k x kMTile rows; x_map, the generic address of the kernel's tensor-map
+// argument, lays them out in the swizzled atoms above; rows past M and k past K
+// arrive as zeros) and the column's codes (one bulk copy:
+// units past N are skipped), all counted against the stage's "full" barrier; the 128
+// threads copy the scale rows with cp.async and arrive on the barrier once those
+// land. (With cp.async for x and codes too, the producers issued about 28% of the
+// block's instructions, on the schedulers the consumers need: ncu, H200.) `lane` is
+// the thread's index in the producer warpgroup.
 template <int kBits, typename T, int kMTile, int kNB>
-__device__ __forceinline__ void ProduceTiles(const Params& p, int it_begin, int it_end, int lane, uint32_t stage0,
-                                             uint32_t full0, uint32_t empty0) {
+__device__ __forceinline__ void ProduceTiles(const Params& p, uint64_t x_map, int it_begin, int it_end, int lane,
+                                             uint32_t stage0, uint32_t full0, uint32_t empty0) {
   using S = TileSmem<kBits, kMTile, kNB>;
-  constexpr int kPasses = kUnitK / 8 / (kProducers / 8);  // 16-byte chunks of a token row per thread
-  const int token_in_block = lane & 7, chunk_in_pass = lane >> 3;
+  constexpr int kUnits = S::kColumn / 16;             // 16-feature units of a column
+  constexpr uint32_t kUnitBytes = 128 * kBits * 4;  // one unit's codes
   const int cc0 = it_begin / p.k_units;
   int tile = cc0 / p.columns, c = cc0 % p.columns, u = it_begin % p.k_units;
   int s = 0;
   uint32_t parity = 0;  // of stage s's current use
   for (int it = it_begin; it < it_end; ++it) {
     if (it - it_begin >= S::kStages) ptx::MbarWait(empty0 + 8 * s, parity ^ 1);
-    const uint32_t base = stage0 + s * S::kStageBytes;
-    CopyCodesAndScales<kBits, T, kProducers, S::kColumn>(p, c, u, lane, base + S::kXBytes,
-                                                         base + S::kXBytes + S::kCodeBytes);
-    const int rows = min(kMTile, p.m - tile * kMTile);
-    const T* x = static_cast<const T*>(p.x) + static_cast<int64_t>(tile) * kMTile * p.k;
-    for (int tb = 0; tb < kMTile / 8 && 8 * tb < rows; ++tb) {
-      const int n = 8 * tb + token_in_block;
-      const T* row = x + static_cast<int64_t>(n) * p.k;
+    const uint32_t base = stage0 + s * S::kStageBytes, full = full0 + 8 * s;
+    if (lane == 0) {
+      const int units = min(kUnits, p.n_blocks - c * kUnits);
+      // The expected bytes are set before any copy is issued (and before this thread's
+      // arrival, without which the phase cannot complete).
+      ptx::MbarExpectTx(full, S::kXBytes + units * kUnitBytes);
 #pragma unroll
-      for (int pass = 0; pass < kPasses; ++pass) {
-        const int j = (kProducers / 8) * pass + chunk_in_pass, kk = u * kUnitK + 8 * j;
-        const uint32_t dst = base + (j / 8) * S::kQuarterBytes + tb * kAtomBytes + token_in_block * 128 +
-                             ((j % 8) ^ token_in_block) * 16;
-        if (n < rows) ptx::CpAsync16(dst, kk < p.k ? row + kk : x, kk < p.k);
-      }
+      for (int q = 0; q < kUnitK / kAtomK; ++q)
+        ptx::TensorCopy2d(base + q * S::kQuarterBytes, x_map, u * kUnitK + q * kAtomK, tile * kMTile, full);
+      ptx::BulkCopyToShared(base + S::kXBytes,
+                            p.codes + (static_cast<int64_t>(u) * p.n_blocks + c * kUnits) * (128 * kBits),
+                            units * kUnitBytes, full);
     }
-    ptx::MbarArriveOnCopies(full0 + 8 * s);
+    CopyScales<T, kProducers, S::kColumn>(p, c, u, lane, base + S::kXBytes + S::kCodeBytes);
+    ptx::MbarArriveOnCopies(full);
     if (++u == p.k_units) {
       u = 0;
       if (++c == p.columns) { c = 0; ++tile; }
@@ -132,7 +133,8 @@ __device__ __forceinline__ uint32_t ScalePair(uint32_t v, typename Vec2<T>::type
 }
 
 template <int kBits, typename T, int kMTile, int kNB>
-__global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params p) {
+__global__ void __launch_bounds__(kTileThreads, 1)
+    FluteTileKernel(const Params p, const __grid_constant__ CUtensorMap x_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = TileSmem<kBits, kMTile, kNB>;
   using T2 = typename Vec2<T>::type;
@@ -162,7 +164,8 @@ __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params 
   if (p.wait_prior) ptx::GridDependencyWait();  // (as in qgemm_flute.cuh)
   if (warp >= kWarps) {
     ptx::SetMaxRegisters<kProducerRegs, false>();
-    ProduceTiles<kBits, T, kMTile, kNB>(p, it_begin, it_end, tid - kConsumers, ptx::SharedAddress(stages), full0, empty0);
+    ProduceTiles<kBits, T, kMTile, kNB>(p, reinterpret_cast<uint64_t>(&x_map), it_begin, it_end, tid - kConsumers,
+                                        ptx::SharedAddress(stages), full0, empty0);
     return;
   }
   ptx::SetMaxRegisters<kConsumerRegs, true>();
@@ -178,89 +181,92 @@ __global__ void __launch_bounds__(kTileThreads, 1) FluteTileKernel(const Params 
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[h][i][j] = 0.f;
 
-  const int cc0 = it_begin / p.k_units;
-  int tile = cc0 / p.columns, c = cc0 % p.columns, u = it_begin % p.k_units;
   int s = 0, pending = -1;  // pending: a stage whose wgmmas may still be running
   uint32_t parity = 0;
   auto release = [&](int stage) {  // every consumer thread, as in the decode kernel
     ptx::MbarArrive(empty0 + 8 * stage);
   };
-  for (int it = it_begin; it < it_end; ++it) {
-    ptx::MbarWait(full0 + 8 * s, parity);
-    ptx::FenceProxyAsync();  // the producer's cp.async writes, before the tensor cores read them
-    const unsigned char* base = stages + s * S::kStageBytes;
-    uint32_t w[kNB][4 * kBits];
+  // Segments: the block's iterations of one Stream-K column. The accumulators are
+  // touched only after a segment's loop, behind wgmma.wait_group 0, so the loop over a
+  // segment's units has no path that reads them while wgmmas run: with the end of a
+  // segment tested inside that loop, ptxas could not tell and waited for every wgmma
+  // at the end of each unit ("warpgroup.wait is injected", C7517), draining the
+  // tensor cores 16 k-tiles apart.
+  for (int it = it_begin; it < it_end;) {
+    const int cc = it / p.k_units;  // the segment's column
+    const int segment_end = min(it_end, (cc + 1) * p.k_units);
+    for (; it < segment_end; ++it) {
+      ptx::MbarWait(full0 + 8 * s, parity);
+      // (No proxy fence: x, the only operand the tensor cores read from shared memory,
+      // was written by the TMA unit, in the same async proxy.)
+      const unsigned char* base = stages + s * S::kStageBytes;
+      uint32_t w[kNB][4 * kBits];
 #pragma unroll
-    for (int h = 0; h < kNB; ++h)
-      LoadCodes<kBits>(reinterpret_cast<const uint32_t*>(base + S::kXBytes) + (h * kWarps + warp) * 128 * kBits,
-                       lane, w[h]);
-    const T* ss = reinterpret_cast<const T*>(base + S::kXBytes + S::kCodeBytes) + warp * 16 + r;
-    // k-tile t's B: 32 bytes at (t % 4) * 32 into the rows of quarter t / 4's atoms.
-    const uint64_t desc0 = ptx::MatrixDescriptorSwizzle128(ptx::SharedAddress(base), kAtomBytes);
-    uint32_t a[kABuffers][kNB][4];  // a ring of single k-tiles' A fragments per N-block
-    T2 s_lo[kNB], s_hi[kNB];        // rows r and r + 8 of each N-block's 16 features
+      for (int h = 0; h < kNB; ++h)
+        LoadCodes<kBits>(reinterpret_cast<const uint32_t*>(base + S::kXBytes) + (h * kWarps + warp) * 128 * kBits,
+                         lane, w[h]);
+      const T* ss = reinterpret_cast<const T*>(base + S::kXBytes + S::kCodeBytes) + warp * 16 + r;
+      // k-tile t's B: 32 bytes at (t % 4) * 32 into the rows of quarter t / 4's atoms.
+      const uint64_t desc0 = ptx::MatrixDescriptorSwizzle128(ptx::SharedAddress(base), kAtomBytes);
+      uint32_t a[kABuffers][kNB][4];  // a ring of single k-tiles' A fragments per N-block
+      T2 s_lo[kNB], s_hi[kNB];        // rows r and r + 8 of each N-block's 16 features
 #pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-      // Buffer t % kABuffers was read by k-tile t - kABuffers (of this unit or the
-      // last): wait until at most kABuffers - 1 tiles' wgmmas are still running.
-      ptx::WgmmaWait<kABuffers - 1>();
-      if (t == kABuffers - 1 && pending >= 0) {  // the previous unit's wgmmas have all completed
-        release(pending);
-        pending = -1;
-      }
-      // Scale groups are >= 32 rows and start at even k-tiles: one pair of scale
-      // reads per N-block serves two k-tiles.
-      if (t % 2 == 0) {
-        const int g = t >> p.group_shift;
+      for (int t = 0; t < kTiles; ++t) {
+        // Buffer t % kABuffers was read by k-tile t - kABuffers (of this unit or the
+        // last): wait until at most kABuffers - 1 tiles' wgmmas are still running.
+        ptx::WgmmaWait<kABuffers - 1>();
+        if (t == kABuffers - 1 && pending >= 0) {  // the previous unit's wgmmas have all completed
+          release(pending);
+          pending = -1;
+        }
+        // Scale groups are >= 32 rows and start at even k-tiles: one pair of scale
+        // reads per N-block serves two k-tiles.
+        if (t % 2 == 0) {
+          const int g = t >> p.group_shift;
+#pragma unroll
+          for (int h = 0; h < kNB; ++h) {
+            s_lo[h].x = s_lo[h].y = ss[g * S::kColumn + h * kColumnN];
+            s_hi[h].x = s_hi[h].y = ss[g * S::kColumn + h * kColumnN + 8];
+          }
+        }
 #pragma unroll
         for (int h = 0; h < kNB; ++h) {
-          s_lo[h].x = s_lo[h].y = ss[g * S::kColumn + h * kColumnN];
-          s_hi[h].x = s_hi[h].y = ss[g * S::kColumn + h * kColumnN + 8];
+          uint32_t (&frag)[4] = a[t % kABuffers][h];
+          LookupTile<kBits, S::kCopies>(w[h], t, lane_addr, frag);
+          frag[0] = ScalePair<T>(frag[0], s_lo[h]);
+          frag[1] = ScalePair<T>(frag[1], s_hi[h]);
+          frag[2] = ScalePair<T>(frag[2], s_lo[h]);
+          frag[3] = ScalePair<T>(frag[3], s_hi[h]);
         }
+        ptx::WgmmaFence();
+#pragma unroll
+        for (int h = 0; h < kNB; ++h)
+          ptx::Wgmma<kMTile, T>(acc[h], a[t % kABuffers][h],
+                                desc0 + (((t / 4) * S::kQuarterBytes + (t % 4) * 32) >> 4));
+        ptx::WgmmaCommit();
       }
-#pragma unroll
-      for (int h = 0; h < kNB; ++h) {
-        uint32_t (&frag)[4] = a[t % kABuffers][h];
-        LookupTile<kBits, S::kCopies>(w[h], t, lane_addr, frag);
-        frag[0] = ScalePair<T>(frag[0], s_lo[h]);
-        frag[1] = ScalePair<T>(frag[1], s_hi[h]);
-        frag[2] = ScalePair<T>(frag[2], s_lo[h]);
-        frag[3] = ScalePair<T>(frag[3], s_hi[h]);
-      }
-      ptx::WgmmaFence();
-#pragma unroll
-      for (int h = 0; h < kNB; ++h)
-        ptx::Wgmma<kMTile, T>(acc[h], a[t % kABuffers][h], desc0 + (((t / 4) * S::kQuarterBytes + (t % 4) * 32) >> 4));
-      ptx::WgmmaCommit();
+      pending = s;
+      if (++s == kStages) { s = 0; parity ^= 1; }
     }
-    pending = s;
-
-    // End of a segment: the column is done, or this block's range ends.
-    if (u == p.k_units - 1 || it + 1 == it_end) {
-      ptx::WgmmaWait<0>();
+    // End of the segment: the column is done, or this block's range ends.
+    ptx::WgmmaWait<0>();
 #pragma unroll
-      for (int h = 0; h < kNB; ++h)
+    for (int h = 0; h < kNB; ++h)
 #pragma unroll
-        for (int i = 0; i < kChunks; ++i)
+      for (int i = 0; i < kChunks; ++i)
 #pragma unroll
-          for (int j = 0; j < 4; ++j) ptx::KeepOrder(acc[h][i][j]);
-      release(pending);
-      pending = -1;
-      FinishColumn<T, kChunks, kNB>(p, tile * p.columns + c, c,
-                                    static_cast<T*>(p.y) + static_cast<int64_t>(tile) * kMTile * p.n,
-                                    min(kMTile, p.m - tile * kMTile), acc, &s_is_last);
+        for (int j = 0; j < 4; ++j) ptx::KeepOrder(acc[h][i][j]);
+    release(pending);
+    pending = -1;
+    const int tile = cc / p.columns, c = cc % p.columns;
+    FinishColumn<T, kChunks, kNB>(p, cc, c, static_cast<T*>(p.y) + static_cast<int64_t>(tile) * kMTile * p.n,
+                                  min(kMTile, p.m - tile * kMTile), acc, &s_is_last);
 #pragma unroll
-      for (int h = 0; h < kNB; ++h)
+    for (int h = 0; h < kNB; ++h)
 #pragma unroll
-        for (int i = 0; i < kChunks; ++i)
+      for (int i = 0; i < kChunks; ++i)
 #pragma unroll
-          for (int j = 0; j < 4; ++j) acc[h][i][j] = 0.f;
-    }
-    if (++u == p.k_units) {
-      u = 0;
-      if (++c == p.columns) { c = 0; ++tile; }
-    }
-    if (++s == kStages) { s = 0; parity ^= 1; }
+        for (int j = 0; j < 4; ++j) acc[h][i][j] = 0.f;
   }
   if (tid == 0) ptx::GridDependencyWait();  // with workspace counters: end after the kernel that zeroed them (FinishColumn)
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
