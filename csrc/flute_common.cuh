@@ -4,7 +4,7 @@
 // of a column (store, or the deterministic Stream-K fix-up).
 //
 //   qgemm_flute.cuh  decode (M <= 32 rows per launch): mma.sync, x via ldmatrix
-//   qgemm_wgmma.cuh  batches and prefill (64- or 128-row x tiles, all of M in one launch; sm_90a): wgmma
+//   qgemm_wgmma.cuh  batches and prefill (32-, 64- or 128-row x tiles, all of M in one launch; sm_90a): wgmma
 #pragma once
 
 #include <cuda_bf16.h>

@@ -62,6 +62,8 @@ NB_MODULE(_flute_ffi, m) {
     out["kernel"] = !plan.fast ? "simple" : plan.wgmma ? "flute_wgmma" : "flute";
     out["grid"] = plan.grid;
     out["column_n"] = plan.column_n;
+    out["rows_per_launch"] = plan.rows_per_launch;  // decode: rows per launch; tile kernel: rows per x tile
+    out["row_tiles"] = plan.row_tiles;
     out["workspace_bytes"] = plan.workspace_bytes;
     return out;
   });

@@ -14,7 +14,7 @@ struct FlutePlan {
   bool wgmma = false;         // the wgmma tile kernel (sm_90a), else the mma.sync decode kernel
   int m_blocks = 0;           // decode kernel: 8-row mma blocks per launch, 1, 2 or 4
   int rows_per_launch = 0;    // decode kernel: M is covered in launches of 8 * m_blocks rows;
-                              // tile kernel: the x tile, 64 or 128 rows (one launch for all of M)
+                              // tile kernel: the x tile, 32, 64 or 128 rows (one launch for all of M)
   int row_tiles = 1;          // tile kernel: x tiles; Stream-K runs over row_tiles * columns columns
   int column_n = 0;           // output features per Stream-K column: 128, or 256 for a large tile-kernel problem
   int columns = 0;            // Stream-K columns of column_n output features
@@ -44,8 +44,10 @@ inline int64_t FluteCounterOffset(const FlutePlan& plan) { return 2 * int64_t{pl
 inline int64_t FluteCounterCount(const FlutePlan& plan) { return int64_t{plan.row_tiles} * plan.columns; }
 
 inline int FluteMBlocks(int64_t m) { return m <= 8 ? 1 : m <= 16 ? 2 : 4; }
-// Rows of x per tile of the tile kernel.
-inline int FluteTileRows(int64_t m) { return m <= 64 ? 64 : 128; }
+// Rows of x per tile of the tile kernel. Up to 32 rows, a 32-row tile halves the
+// tensor cores' reads of x from shared memory (wgmma's B) against a 64-row one, and
+// the multiplies of rows that do not exist.
+inline int FluteTileRows(int64_t m) { return m <= 32 ? 32 : m <= 64 ? 64 : 128; }
 
 // The tile kernel's column width. 256 features halve the x traffic per
 // multiply-add, but split the problem into half as many, twice as long Stream-K

@@ -1,5 +1,5 @@
 // Instantiations and launch of the wgmma tile kernel (see qgemm_wgmma.cuh).
-// Templates: bits {2, 3, 4} x dtype {f16, bf16} x rows {64, 128} x column {128, 256}. The sm_80 pass
+// Templates: bits {2, 3, 4} x dtype {f16, bf16} x rows {32, 64, 128} x column {128, 256}. The sm_80 pass
 // compiles empty bodies; the host launches them only on compute capability 9.0.
 #include <cuda_runtime.h>
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
@@ -24,6 +24,8 @@ cudaError_t WithTileKernel(int bits, bool bf16, int m_tile, int column_n, Fn&& f
     using T = typename decltype(type_c)::type;
     auto by_rows = [&](auto nb_c) -> cudaError_t {
       constexpr int kNB = decltype(nb_c)::value;
+      if (m_tile == 32)
+        return fn(flute::FluteTileKernel<kBits, T, 32, kNB>, flute::TileSmem<kBits, 32, kNB>::kDynamic);
       if (m_tile == 64)
         return fn(flute::FluteTileKernel<kBits, T, 64, kNB>, flute::TileSmem<kBits, 64, kNB>::kDynamic);
       return fn(flute::FluteTileKernel<kBits, T, 128, kNB>, flute::TileSmem<kBits, 128, kNB>::kDynamic);
@@ -69,8 +71,8 @@ bool DeviceHasWgmma() {
 
 int FluteTileBlocksPerSm(int bits, bool bf16, int m_tile, int column_n) {
   // Cached per instance (the GPUs of one process are alike); 0 = not yet known.
-  static std::atomic<int> cache[3][2][2][2];
-  std::atomic<int>& slot = cache[bits - 2][bf16][m_tile == 64 ? 0 : 1][column_n == 256 ? 1 : 0];
+  static std::atomic<int> cache[3][2][3][2];
+  std::atomic<int>& slot = cache[bits - 2][bf16][m_tile == 32 ? 0 : m_tile == 64 ? 1 : 2][column_n == 256 ? 1 : 0];
   const int known = slot.load(std::memory_order_relaxed);
   if (known > 0) return known;
   int blocks = 0;

@@ -59,7 +59,8 @@ constexpr int kAtomK = 64;
 constexpr int kABuffers = 4;
 
 // Dynamic shared memory: the pair table, then (1 KB-aligned) the pipeline
-// stages: x tile, codes, scales. 128-row tiles fit two stages, 64-row tiles three.
+// stages: x tile, codes, scales. 128-row tiles fit two stages, 64-row tiles three,
+// 32-row tiles four (at M <= 32 the kernel streams the weight: more bytes in flight).
 // kNB: N-blocks per consumer warp (warp w owns N-blocks w, w + 8, ...), so a
 // Stream-K column has kNB * 128 features. With two, the 4-bit pair table keeps 16
 // copies (16 KB; lanes l and l + 16 share one) to make room for the stages; the
@@ -69,13 +70,14 @@ struct TileSmem {
   static constexpr int kColumn = kNB * kColumnN;
   static constexpr int kCopies = kBits == 4 && kNB == 2 ? 16 : 32;
   using Table = PairTable<kBits, kCopies>;
-  static constexpr int kStages = kMTile == 128 ? 2 : 3;
+  static constexpr int kStages = kMTile == 128 ? 2 : kMTile == 64 ? 3 : 4;
   static constexpr int kQuarterBytes = kMTile / 8 * kAtomBytes;  // the x tile's atoms of one 64-k quarter
   static constexpr int kXBytes = (kUnitK / kAtomK) * kQuarterBytes;
   static constexpr int kCodeBytes = kNB * kWarps * 128 * kBits * 4;
   static constexpr int kScaleBytes = kScaleRows * kColumn * 2;
   static constexpr int kStageBytes = kXBytes + kCodeBytes + kScaleBytes;
   static constexpr int kDynamic = Table::kReserve + (kAtomBytes - 16) + kStages * kStageBytes;
+  static_assert(kDynamic <= 227 * 1024, "over Hopper's shared memory per block");
 };
 
 // The producer warpgroup. One thread has the TMA unit copy each stage's x tile (four

@@ -12,7 +12,7 @@ namespace flute {
 struct Params;
 }  // namespace flute
 
-// Blocks of the tile kernel (bits, bf16 or f16, 64 or 128 rows, 128- or 256-feature
+// Blocks of the tile kernel (bits, bf16 or f16, 32, 64 or 128 rows, 128- or 256-feature
 // columns) that fit on a multiprocessor of the current device; 0 when it cannot run.
 int FluteTileBlocksPerSm(int bits, bool bf16, int m_tile, int column_n);
 

@@ -5,7 +5,7 @@
 // The accumulator d[i][j] of a lane is mma's C fragment of columns 8i..8i+7.
 //
 // The asm blocks are written out per shape and type (inline asm needs literal
-// operand lists); only N = 64 and 128 are used.
+// operand lists); only N = 32, 64 and 128 are used.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -55,6 +55,24 @@ __device__ __forceinline__ void SetMaxRegisters() {
 
 template <int kN, typename T>
 __device__ __forceinline__ void Wgmma(float (&d)[kN / 8][4], const uint32_t (&a)[4], uint64_t desc_b);
+
+// N = 32 (the tile kernel's 32-row x tile, for M <= 32): 16 accumulators per thread.
+#define FLUTE_JAX_WGMMA_N32(T, PTX_TYPE)                                                                   \
+  template <>                                                                                              \
+  __device__ __forceinline__ void Wgmma<32, T>(float (&d)[4][4], const uint32_t(&a)[4], uint64_t desc_b) { \
+    asm volatile(                                                                                          \
+        "{ .reg .pred p; setp.ne.b32 p, %21, 0;\n"                                                         \
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." PTX_TYPE "." PTX_TYPE " "                             \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "                         \
+        "{%16, %17, %18, %19}, %20, p, 1, 1, 0; }\n"                                                       \
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),         \
+          "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),         \
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])                                        \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(1));                                \
+  }
+FLUTE_JAX_WGMMA_N32(__half, "f16")
+FLUTE_JAX_WGMMA_N32(__nv_bfloat16, "bf16")
+#undef FLUTE_JAX_WGMMA_N32
 
 template <>
 __device__ __forceinline__ void Wgmma<64, __half>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {

@@ -8,7 +8,7 @@ Three paths, all within the format's tolerances of the float64 reference:
     32 rows of x: memory-bound, the fastest path while M is small (decode).
 ``wgmma``
     The FLUTE tile kernel (``csrc/qgemm_wgmma.cuh``; Hopper, compute capability 9.0
-    only): warpgroup wgmma on 64- or 128-row tiles of x, reading the weight once per
+    only): warpgroup wgmma on 32-, 64- or 128-row tiles of x, reading the weight once per
     128 rows; batched decode and the short end of prefill.
 ``dense``
     Dequantize the weight to x's dtype once (our CUDA kernel, ``csrc/dequant_kernel.cu``,

@@ -28,8 +28,8 @@ GROUP_SIZES = (32, 64, 128, 256, -1)
 DTYPES = ("float16", "bfloat16")
 # (K, N): partial 256-k units, partial 128-feature columns, N not a multiple of 16.
 SHAPES = ((1000, 300), (72, 8), (513, 24), (4096, 128), (2304, 1040), (8192, 136))
-# 33..64 rows: the 64-row tile; above: 128-row launches, a last slice of <= 64 rows on the 64-row tile.
-MS = (33, 64, 65, 100, 128, 129, 200, 300)
+# Up to 32 rows: the 32-row tile; 33..64: the 64-row tile; above: 128-row tiles, the last one partial.
+MS = (20, 32, 33, 64, 65, 100, 128, 129, 200, 300)
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +56,13 @@ def _tile_path(monkeypatch):
 def test_plan_takes_the_tile_kernel(monkeypatch):
     monkeypatch.delenv("FLUTE_JAX_GPU_PATH")
     kind = dispatch.gpu_device_kind()
-    for m in (33, 64, 128, 4096):
+    for m in (17, 33, 64, 128, 4096):
         expected = "wgmma" if m <= dispatch.tile_max_m(kind) else "dense"
         assert dispatch.gpu_path(m, 4096, 4096, 4, wgmma=True, device_kind=kind) == expected
         plan = _ffi.cuda_plan(m, 4096, 4096, 128, 4, jnp.bfloat16, wgmma=True)
         assert plan["kernel"] == "flute_wgmma" and plan["workspace_bytes"] > 0
+        tile_rows = 32 if m <= 32 else 64 if m <= 64 else 128
+        assert plan["rows_per_launch"] == tile_rows and plan["row_tiles"] == -(-m // tile_rows)
         # 4096 x 4096: 256-wide columns once M gives enough Stream-K iterations per block
         assert plan["column_n"] == (256 if m == 4096 else 128)
 
@@ -88,7 +90,8 @@ def test_forced_tile_kernel_at_small_m(rng, gpu, monkeypatch, m):
     check_qgemm(rng, gpu, 1000, 300, (m,), 3, 64, "float16", repeats=2)
 
 
-@pytest.mark.parametrize("bits,dtype,m", [(4, "bfloat16", 64), (3, "float16", 200), (2, "bfloat16", 130)])
+@pytest.mark.parametrize("bits,dtype,m", [(4, "float16", 24), (4, "bfloat16", 64), (3, "float16", 200),
+                                          (2, "bfloat16", 130)])
 def test_wide_columns(rng, gpu, bits, dtype, m):
     # Enough Stream-K iterations per block for 256-feature columns (two N-blocks per
     # warp); N = 17000 ends in a partial column and a partial N-block.
