@@ -38,17 +38,18 @@ v7, dense path with the CUDA dequantize kernel):
     8192 x 8192       83 / 282 us        166 / 282 us         337 / 285 us
     8192 x 57344     489 / 1950 us       974 / 1961 us       1935 / 2041 us
 
-On an H200 (4.8 TB/s against the H100's 3.35, the same tensor cores) the dense path's
-extra bytes cost less, and it overtakes the tile kernel earlier. Device time per call,
-4-bit g128 bf16, H200, 2026-11-30 (tile kernel v12c; geomean over the 8 Llama-3 8B/70B
-TP1 shapes; ``docs/bench/h200-2026-11-30-s13-dispatch-*.json``):
+On an H200 (4.8 TB/s against the H100's 3.35, the same tensor cores), with the tile
+kernel of 2026-11-30 (session 14: x and codes by TMA, a 32-row tile for M <= 32), speed-up
+over XLA's bf16 dot, geomean over the 8 Llama-3 8B/70B TP1 shapes, 4-bit g128 bf16, each
+row from one run (``docs/bench/h200-2026-11-30-s14-*.json``):
 
-    M                               128      256      384
-    tile kernel, x over bf16 dot   0.66x    0.52x    0.53x
-    dense path, x over bf16 dot    0.47x    0.53x    0.62x
+    M                               16      24      32      256     384     512
+    decode kernel                  1.59x   1.11x   1.00x
+    tile kernel                    1.37x   1.39x   1.38x   0.66x   0.68x   0.68x
+    dense path                                             0.53x   0.62x   0.67x
 
-    (dense wins 4 of 8 shapes at M = 256, 7 of 8 at 384; the decode kernel against
-    the tile kernel at M = 24 / 32 / 48 / 64: 0.98 / 0.90 / 0.53 / 0.51 of its speed)
+    (at M = 512 the tile kernel is faster on 5 of 8 shapes, by 1-27%, and the dense
+    path on three 8B shapes, by 9-29%: they tie there)
 
 The environment variable ``FLUTE_JAX_GPU_PATH`` (``mma``, ``wgmma`` or ``dense``)
 overrides the rule, for measuring the paths against each other; users never need it.
@@ -63,16 +64,16 @@ import os
 import jax
 
 # Largest M that the decode kernel takes when the tile kernel can run instead. From 17
-# rows the decode kernel runs its 32-row instance, which the tile kernel beats (H100,
-# 4-bit g128 bf16, geomean over the 8 Llama-3 8B/70B shapes: at M = 16 decode 1.91x,
-# tile 1.41x; at M = 32 decode 1.13x, tile 1.45x).
+# rows the decode kernel runs its 32-row instance, which the tile kernel beats (H200,
+# 4-bit g128 bf16, geomean over the 8 Llama-3 8B/70B shapes: at M = 16 decode 1.59x,
+# tile 1.37x; at M = 24 decode 1.11x, tile 1.39x; the H100 gave the same order).
 DECODE_MAX_M = 16
 # Largest M that the tile kernel takes: beyond it one dequantization plus XLA's dot
-# (near the tensor-core peak) beats the tile kernel's multiply rate (they tie at 384 on
-# an H100). TILE_MAX_M_BY_GPU overrides it for GPUs whose device kind contains the key:
-# on an H200 the two tie at 256 and dense is 1.17x faster at 384 (above).
+# (near the tensor-core peak) beats the tile kernel's multiply rate (they tied at 384 on
+# an H100 with the tile kernel of 2026-11-24). TILE_MAX_M_BY_GPU overrides it for GPUs
+# whose device kind contains the key: on an H200 the two tie at 512 (above).
 TILE_MAX_M = 384
-TILE_MAX_M_BY_GPU = {"H200": 256}
+TILE_MAX_M_BY_GPU = {"H200": 512}
 # Largest M that the decode kernel takes on GPUs without wgmma. Above it the kernel's
 # re-reads of the weight (one pass per 32 rows) cost more than one dequantization
 # plus a tensor-core dot.

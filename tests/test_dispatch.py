@@ -54,14 +54,14 @@ def test_choice_is_thresholds_on_m(monkeypatch):
         assert dispatch.gpu_path(m, 4096, 4096, 4, wgmma=True) == "wgmma"
     for m in (dispatch.TILE_MAX_M + 1, 8192):
         assert dispatch.gpu_path(m, 4096, 4096, 4, wgmma=True) == "dense"
-    # GPU-specific thresholds, by device kind: the H200's dense path overtakes earlier.
+    # GPU-specific thresholds, by device kind: the H200 keeps the tile kernel longer.
     h200 = dispatch.TILE_MAX_M_BY_GPU["H200"]
-    assert h200 < dispatch.TILE_MAX_M
+    assert h200 > dispatch.TILE_MAX_M
     assert dispatch.tile_max_m("NVIDIA H200") == h200 and dispatch.tile_max_m("NVIDIA H100 80GB HBM3") == dispatch.TILE_MAX_M
     assert dispatch.gpu_path(h200, 4096, 4096, 4, wgmma=True, device_kind="NVIDIA H200") == "wgmma"
     assert dispatch.gpu_path(h200 + 1, 4096, 4096, 4, wgmma=True, device_kind="NVIDIA H200") == "dense"
-    assert dispatch.gpu_path(h200 + 1, 4096, 4096, 4, wgmma=True, device_kind="NVIDIA H100 80GB HBM3") == "wgmma"
-    assert dispatch.gpu_path(h200 + 1, 4096, 4096, 4, wgmma=False, device_kind="NVIDIA H200") == "dense"
+    assert dispatch.gpu_path(h200, 4096, 4096, 4, wgmma=True, device_kind="NVIDIA H100 80GB HBM3") == "dense"
+    assert dispatch.gpu_path(h200, 4096, 4096, 4, wgmma=False, device_kind="NVIDIA H200") == "dense"
     assert dispatch.gpu_path(dispatch.DECODE_MAX_M, 4096, 4096, 4, wgmma=True, device_kind="NVIDIA H200") == "mma"
     assert dispatch.gpu_path(dispatch.KERNEL_MAX_M, 4096, 4096, 4, wgmma=False) == "mma"
     for m in (dispatch.KERNEL_MAX_M + 1, 1024, 8192):

@@ -6,6 +6,8 @@ once and replays, re-recording when buffer addresses change. A chain of layers,
 called again with fresh inputs and fresh weights, must give bitwise the results of
 the same layers launched one executable at a time (a lone custom call is below XLA's
 minimum graph size, so it is launched directly), and stay near the float64 reference.
+Where the dispatch takes the dense path (dequantize + XLA's dot), XLA compiles that dot
+per program, so the two agree within a tight tolerance instead of bitwise.
 
 Run on a GPU machine with:  pytest -q tests/test_gpu_graph.py
 """
@@ -17,6 +19,7 @@ import pytest
 
 import flute_jax as fj
 from conftest import gpu_available, reference_qgemm, rel_error
+from flute_jax import _ffi, dispatch
 from qgemm_checks import random_weight
 
 pytestmark = [
@@ -53,7 +56,15 @@ def test_chain_in_command_buffer_equals_single_calls(rng, m, bits, group_size, d
         h_in = x  # the last layer's input, one executable per call
         for qw in weights[:-1]:
             h_in = act(one(h_in, qw))
-        np.testing.assert_array_equal(y_graph, np.asarray(one(h_in, weights[-1])))
+        y_single = np.asarray(one(h_in, weights[-1]))
+        path = dispatch.gpu_path(m, WIDTHS[-2], WIDTHS[-1], bits, wgmma=_ffi.cuda_has_wgmma(),
+                                 device_kind=dispatch.gpu_device_kind())
+        if path == "dense":
+            # Dequantize + XLA's dot: XLA fuses and tiles that dot by program, so two
+            # programs need not agree bitwise (one bf16/f16 ulp seen on an H200).
+            assert rel_error(np.asarray(y_graph, np.float64), np.asarray(y_single, np.float64)) < 1e-3
+        else:
+            np.testing.assert_array_equal(y_graph, y_single)  # our kernels: the same bits
         # and the last layer agrees with the float64 reference on its own input
         ref = reference_qgemm(np.asarray(h_in, np.float64), weights[-1])
         assert rel_error(np.asarray(y_graph, np.float64), ref) < (1e-2 if dtype == "bfloat16" else 2e-3)

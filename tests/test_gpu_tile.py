@@ -84,10 +84,13 @@ def test_every_shape_and_m(rng, gpu, k, n, m):
 
 @pytest.mark.parametrize("m", [1, 3, 17, 32])
 def test_forced_tile_kernel_at_small_m(rng, gpu, monkeypatch, m):
-    # A tile mostly past M: the rows past M are never stored.
+    # A tile mostly past M: the rows past M are never stored. (N a multiple of 8: the
+    # FLUTE kernels take the call; N = 300 would go to the simple kernel.)
     monkeypatch.setenv("FLUTE_JAX_GPU_PATH", "wgmma")
     jax.clear_caches()
-    check_qgemm(rng, gpu, 1000, 300, (m,), 3, 64, "float16", repeats=2)
+    plan = _ffi.cuda_plan(m, 1000, 296, 64, 3, jnp.float16, wgmma=True)
+    assert plan["kernel"] == "flute_wgmma" and plan["rows_per_launch"] == 32
+    check_qgemm(rng, gpu, 1000, 296, (m,), 3, 64, "float16", repeats=2)
 
 
 @pytest.mark.parametrize("bits,dtype,m", [(4, "float16", 24), (4, "bfloat16", 64), (3, "float16", 200),
