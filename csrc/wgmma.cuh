@@ -39,9 +39,6 @@ __device__ __forceinline__ void WgmmaWait() {
 // Makes the compiler treat v as read and rewritten here: keeps accumulator reads
 // after the wait that completes them (the asm blocks above do not name them).
 __device__ __forceinline__ void KeepOrder(float& v) { asm volatile("" : "+f"(v)::"memory"); }
-// Shared-memory writes of the generic proxy (cp.async, st.shared) seen by this
-// thread become visible to its later async-proxy reads (wgmma operands).
-__device__ __forceinline__ void FenceProxyAsync() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // Moves this warpgroup's per-thread register allocation down to (release) or up
 // to (claim) kRegs; every warp of the warpgroup executes the same one.
