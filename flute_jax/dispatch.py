@@ -51,17 +51,27 @@ row from one run (``docs/bench/h200-2026-11-30-s14-*.json``):
     (at M = 512 the tile kernel is faster on 5 of 8 shapes, by 1-27%, and the dense
     path on three 8B shapes, by 9-29%: they tie there)
 
+A tuning cache (:mod:`flute_jax.tuning`, written by ``python -m flute_jax.tune`` on the
+user's GPU) refines the rule per problem: where it holds a measurement for the call's GPU
+kind, bits, group size, dtype, K and N at a nearby M, the measured fastest path wins.
+
 The environment variable ``FLUTE_JAX_GPU_PATH`` (``mma``, ``wgmma`` or ``dense``)
-overrides the rule, for measuring the paths against each other; users never need it.
-A forced ``wgmma`` on a GPU without it runs ``mma``.
+overrides both, for measuring the paths against each other; users never need it.
+``force_path`` does the same inside a ``with`` block (the tuner uses it). A forced
+``wgmma`` on a GPU without it runs ``mma``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
+from typing import Iterator, Optional
 
 import jax
+
+from . import tuning
 
 # Largest M that the decode kernel takes when the tile kernel can run instead. From 17
 # rows the decode kernel runs its 32-row instance, which the tile kernel beats (H200,
@@ -102,18 +112,60 @@ def gpu_device_kind() -> str:
         return ""
 
 
-def gpu_path(m: int, k: int, n: int, bits: int, *, wgmma: bool, device_kind: str = "") -> str:
+_forced = threading.local()
+
+
+@contextlib.contextmanager
+def force_path(path: str) -> Iterator[None]:
+    """Within the block, every ``qgemm`` traced and lowered for a GPU takes ``path``.
+
+    Paths are chosen when a jitted function is lowered: a function compiled before the
+    block keeps its path. Applies to the calling thread only.
+    """
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    previous = getattr(_forced, "path", None)
+    _forced.path = path
+    try:
+        yield
+    finally:
+        _forced.path = previous
+
+
+def gpu_path(
+    m: int,
+    k: int,
+    n: int,
+    bits: int,
+    *,
+    wgmma: bool,
+    device_kind: str = "",
+    group_size: Optional[int] = None,
+    dtype: Optional[str] = None,
+) -> str:
     """``"mma"``, ``"wgmma"`` or ``"dense"`` for an ``[m, k] x [k, n]`` qgemm at ``bits``.
 
     ``wgmma``: whether the GPU runs the tile kernel (``flute_jax._ffi.cuda_has_wgmma()``).
     ``device_kind``: the GPU's JAX device kind (``gpu_device_kind()``), for the
-    GPU-specific thresholds; "" takes the defaults.
+    GPU-specific thresholds; "" takes the defaults. ``group_size`` (K rows per scale
+    group, resolved) and ``dtype`` (x's dtype name): with both and a device kind, a
+    tuning-cache entry for the problem decides (:mod:`flute_jax.tuning`).
+    Precedence: ``force_path``, then ``FLUTE_JAX_GPU_PATH``, then the cache, then the rule.
     """
-    forced = os.environ.get("FLUTE_JAX_GPU_PATH", "").strip().lower()
+    forced = getattr(_forced, "path", None) or os.environ.get("FLUTE_JAX_GPU_PATH", "").strip().lower()
     if forced:
         if forced not in PATHS:
             raise ValueError(f"FLUTE_JAX_GPU_PATH must be one of {PATHS}, got {forced!r}")
         return forced
+    if group_size is not None and dtype is not None:
+        tuned = tuning.lookup(device_kind, bits, group_size, dtype, k, n, m)
+        if tuned is not None and (tuned != "wgmma" or wgmma):
+            return tuned
+    return rule_path(m, bits, wgmma=wgmma, device_kind=device_kind)
+
+
+def rule_path(m: int, bits: int, *, wgmma: bool, device_kind: str = "") -> str:
+    """The rule alone: thresholds on M (the module docstring has the measurements)."""
     if m <= DECODE_MAX_M:
         return "mma"
     if wgmma:

@@ -52,7 +52,8 @@ def _cuda_lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
     x_aval, scales_aval = ctx.avals_in[0], ctx.avals_in[2]
     m, k = x_aval.shape
     path = dispatch.gpu_path(
-        m, k, scales_aval.shape[1], bits, wgmma=_ffi.cuda_has_wgmma(), device_kind=dispatch.gpu_device_kind()
+        m, k, scales_aval.shape[1], bits, wgmma=_ffi.cuda_has_wgmma(), device_kind=dispatch.gpu_device_kind(),
+        group_size=group_size, dtype=x_aval.dtype.name,
     )
     if path == "dense":
         dense = functools.partial(dense_qgemm, bits=bits, group_size=group_size, cuda=True)

@@ -10,6 +10,9 @@ import zlib
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+# No tuning cache of the machine's user decides a path in the tests (they expect the
+# rule's); the tests of the cache point this at a file of their own.
+os.environ["FLUTE_JAX_TUNING_CACHE"] = "none"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
