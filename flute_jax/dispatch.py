@@ -51,6 +51,19 @@ row from one run (``docs/bench/h200-2026-11-30-s14-*.json``):
     (at M = 512 the tile kernel is faster on 5 of 8 shapes, by 1-27%, and the dense
     path on three 8B shapes, by 9-29%: they tie there)
 
+Session 16 (H200, ``python -m flute_jax.tune``, device us per call, M = 512):
+
+    K x N          tile / dense        K x N          tile / dense
+    4096 x 6144     68.4 / 57.3 us     8192 x 10240   159.3 / 164.6 us
+    4096 x 4096     38.8 / 35.8 us     8192 x 8192    132.5 / 129.1 us
+    4096 x 28672   211.6 / 233.8 us    8192 x 57344   715.0 / 910.9 us
+    14336 x 4096   124.6 / 114.2 us    28672 x 8192   370.0 / 441.1 us
+
+So the H200's limit of 512 applies to weights of 8192 x 8192 elements and more
+(``TILE_MIN_WEIGHT_FOR_GPU_MAX``); smaller ones go dense above ``TILE_MAX_M``. A bench
+run with the tuner's cache, which makes the same choices at M = 512, measured 0.71x of
+XLA's bf16 dot in geomean against 0.67x for the rule before (``docs/bench/h200-2026-11-30-s16-tune-*``).
+
 A tuning cache (:mod:`flute_jax.tuning`, written by ``python -m flute_jax.tune`` on the
 user's GPU) refines the rule per problem: where it holds a measurement for the call's GPU
 kind, bits, group size, dtype, K and N at a nearby M, the measured fastest path wins.
@@ -84,6 +97,11 @@ DECODE_MAX_M = 16
 # whose device kind contains the key: on an H200 the two tie at 512 (above).
 TILE_MAX_M = 384
 TILE_MAX_M_BY_GPU = {"H200": 512}
+# ...but only for weights of at least this many elements (K x N); smaller weights keep
+# TILE_MAX_M. At M = 512 on an H200 the dense path beat the tile kernel on all three
+# smaller 8B shapes (4096 x 4096, 4096 x 6144, 14336 x 4096: by 9-29% in session 14,
+# 8-19% in session 16), tied on 8192 x 8192, and lost on the five larger ones.
+TILE_MIN_WEIGHT_FOR_GPU_MAX = 8192 * 8192
 # Largest M that the decode kernel takes on GPUs without wgmma. Above it the kernel's
 # re-reads of the weight (one pass per 32 rows) cost more than one dequantization
 # plus a tensor-core dot.
@@ -92,8 +110,11 @@ KERNEL_MAX_M = 192
 PATHS = ("mma", "wgmma", "dense")
 
 
-def tile_max_m(device_kind: str = "") -> int:
-    """The largest M that the tile kernel takes on a GPU of this JAX ``device_kind``."""
+def tile_max_m(device_kind: str = "", weight_elements: Optional[int] = None) -> int:
+    """The largest M that the tile kernel takes on a GPU of this JAX ``device_kind``, for
+    a weight of ``weight_elements`` (K x N; None: a large one)."""
+    if weight_elements is not None and weight_elements < TILE_MIN_WEIGHT_FOR_GPU_MAX:
+        return TILE_MAX_M
     for key, m in TILE_MAX_M_BY_GPU.items():
         if key in device_kind:
             return m
@@ -161,13 +182,13 @@ def gpu_path(
         tuned = tuning.lookup(device_kind, bits, group_size, dtype, k, n, m)
         if tuned is not None and (tuned != "wgmma" or wgmma):
             return tuned
-    return rule_path(m, bits, wgmma=wgmma, device_kind=device_kind)
+    return rule_path(m, k, n, bits, wgmma=wgmma, device_kind=device_kind)
 
 
-def rule_path(m: int, bits: int, *, wgmma: bool, device_kind: str = "") -> str:
+def rule_path(m: int, k: int, n: int, bits: int, *, wgmma: bool, device_kind: str = "") -> str:
     """The rule alone: thresholds on M (the module docstring has the measurements)."""
     if m <= DECODE_MAX_M:
         return "mma"
     if wgmma:
-        return "wgmma" if m <= tile_max_m(device_kind) else "dense"
+        return "wgmma" if m <= tile_max_m(device_kind, k * n) else "dense"
     return "mma" if m <= KERNEL_MAX_M else "dense"

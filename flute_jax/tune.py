@@ -84,7 +84,7 @@ def tune(
     versions = versions or {}
     out = []
     for pr in problems:
-        rule = dispatch.rule_path(pr.m, pr.bits, wgmma=wgmma, device_kind=device_kind)
+        rule = dispatch.rule_path(pr.m, pr.k, pr.n, pr.bits, wgmma=wgmma, device_kind=device_kind)
         times = {path: measure(pr, path) for path in candidate_paths(pr.m, wgmma)}
         path = choose(times, rule, margin)
         if path is None:

@@ -119,6 +119,7 @@ def write(path: str, entries: Iterable[Entry]) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep other users of a shared cache out
         os.replace(tmp, path)  # readers see the old file or the new one, never half of one
     except BaseException:
         os.unlink(tmp)

@@ -58,10 +58,17 @@ def test_choice_is_thresholds_on_m(monkeypatch):
     h200 = dispatch.TILE_MAX_M_BY_GPU["H200"]
     assert h200 > dispatch.TILE_MAX_M
     assert dispatch.tile_max_m("NVIDIA H200") == h200 and dispatch.tile_max_m("NVIDIA H100 80GB HBM3") == dispatch.TILE_MAX_M
-    assert dispatch.gpu_path(h200, 4096, 4096, 4, wgmma=True, device_kind="NVIDIA H200") == "wgmma"
-    assert dispatch.gpu_path(h200 + 1, 4096, 4096, 4, wgmma=True, device_kind="NVIDIA H200") == "dense"
-    assert dispatch.gpu_path(h200, 4096, 4096, 4, wgmma=True, device_kind="NVIDIA H100 80GB HBM3") == "dense"
-    assert dispatch.gpu_path(h200, 4096, 4096, 4, wgmma=False, device_kind="NVIDIA H200") == "dense"
+    assert dispatch.gpu_path(h200, 8192, 8192, 4, wgmma=True, device_kind="NVIDIA H200") == "wgmma"
+    assert dispatch.gpu_path(h200 + 1, 8192, 8192, 4, wgmma=True, device_kind="NVIDIA H200") == "dense"
+    assert dispatch.gpu_path(h200, 8192, 8192, 4, wgmma=True, device_kind="NVIDIA H100 80GB HBM3") == "dense"
+    assert dispatch.gpu_path(h200, 8192, 8192, 4, wgmma=False, device_kind="NVIDIA H200") == "dense"
+    # ...for large weights only: below 8192 x 8192 elements the H200 keeps the default limit
+    small = dispatch.TILE_MIN_WEIGHT_FOR_GPU_MAX - 8 * 1024
+    assert dispatch.tile_max_m("NVIDIA H200", small) == dispatch.TILE_MAX_M
+    assert dispatch.tile_max_m("NVIDIA H200", dispatch.TILE_MIN_WEIGHT_FOR_GPU_MAX) == h200
+    assert dispatch.gpu_path(dispatch.TILE_MAX_M, 8, small // 8, 4, wgmma=True, device_kind="NVIDIA H200") == "wgmma"
+    assert dispatch.gpu_path(h200, 4096, 4096, 4, wgmma=True, device_kind="NVIDIA H200") == "dense"
+    assert dispatch.gpu_path(h200, 14336, 4096, 4, wgmma=True, device_kind="NVIDIA H200") == "dense"
     assert dispatch.gpu_path(dispatch.DECODE_MAX_M, 4096, 4096, 4, wgmma=True, device_kind="NVIDIA H200") == "mma"
     assert dispatch.gpu_path(dispatch.KERNEL_MAX_M, 4096, 4096, 4, wgmma=False) == "mma"
     for m in (dispatch.KERNEL_MAX_M + 1, 1024, 8192):

@@ -49,7 +49,7 @@ def _fresh_lowerings():
 @pytest.fixture(autouse=True)
 def _tile_path(monkeypatch):
     # These tests are about the tile kernel: it runs at every M here, also where the
-    # plan gives M to the dense path (on an H200 from 257 rows; dispatch.TILE_MAX_M_BY_GPU).
+    # plan gives M to the dense path (above dispatch.tile_max_m).
     monkeypatch.setenv("FLUTE_JAX_GPU_PATH", "wgmma")
 
 

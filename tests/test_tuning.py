@@ -64,7 +64,7 @@ def test_nearest_measured_m_within_a_factor_of_two():
 def test_gpu_path_follows_the_cache(cache_file, monkeypatch):
     tuning.write(str(cache_file), [entry(256, "dense"), entry(32, "mma", bits=3), entry(1024, "wgmma")])
     call = dict(wgmma=True, device_kind=H200, group_size=128, dtype="bfloat16")
-    assert dispatch.rule_path(256, 4, wgmma=True, device_kind=H200) == "wgmma"
+    assert dispatch.rule_path(256, 4096, 4096, 4, wgmma=True, device_kind=H200) == "wgmma"
     assert dispatch.gpu_path(256, 4096, 4096, 4, **call) == "dense"
     assert dispatch.gpu_path(300, 4096, 4096, 4, **call) == "dense"  # nearest measured M
     assert dispatch.gpu_path(32, 4096, 4096, 3, **call) == "mma"
