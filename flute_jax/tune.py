@@ -169,7 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     path = args.cache or tuning.default_location()
-    if path is None:
+    if path is None and not args.dry_run:
         p.error(f"${tuning.ENV} is 'none' and no --cache was given: nowhere to read or write")
     if args.show:
         try:

@@ -195,9 +195,10 @@ def test_tune_cli_show_and_errors(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         tune.main(["--show"])
     if not gpu_available():
-        with pytest.raises(SystemExit):
-            tune.main(["--kn", "512x256", "--m", "64", "--cache", str(path)])
-        assert "needs a GPU" in capsys.readouterr().err
+        for cache in (["--cache", str(path)], ["--dry-run"]):  # a dry run needs no cache file
+            with pytest.raises(SystemExit):
+                tune.main(["--kn", "512x256", "--m", "64", *cache])
+            assert "needs a GPU" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not gpu_available() or not _ffi.with_cuda, reason="needs a GPU")
