@@ -147,17 +147,22 @@ def parser() -> argparse.ArgumentParser:
     from .bench.cli import DTYPES, GROUP_SIZES, _choice_list, _int_list, _kn
     from .bench.shapes import LLAMA3
 
-    p = argparse.ArgumentParser(prog="python -m flute_jax.tune", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m flute_jax.tune",
+                                description="Measure qgemm's GPU paths on this GPU and store the fastest per problem "
+                                            "in the tuning cache, which the CUDA lowering reads.")
     p.add_argument("--shapes", type=_choice_list("--shapes", tuple(LLAMA3)), default=[],
                    help="Llama-3 models whose linear layers to tune")
     p.add_argument("--tp", type=_int_list("--tp", (1, 2, 4, 8)), default=[1], help="tensor-parallel shards of --shapes")
     p.add_argument("--kn", type=_kn, default=[], help="explicit weight shapes KxN, e.g. 4096x4096")
-    p.add_argument("--m", type=_int_list("--m"), default=[32, 64, 128, 256, 512, 1024, 4096], help="tokens M")
-    p.add_argument("--bits", type=_int_list("--bits", (2, 3, 4)), default=[4])
-    p.add_argument("--group-size", type=_int_list("--group-size", GROUP_SIZES), default=[128])
-    p.add_argument("--dtype", type=_choice_list("--dtype", DTYPES), default=["bfloat16"])
-    p.add_argument("--margin", type=float, default=0.03, help="how much faster than the rule's path another must be")
+    p.add_argument("--m", type=_int_list("--m"), default=[32, 64, 128, 256, 512, 1024, 4096],
+                   help="tokens M (default 32,64,128,256,512,1024,4096)")
+    p.add_argument("--bits", type=_int_list("--bits", (2, 3, 4)), default=[4], help="2,3,4 (default 4)")
+    p.add_argument("--group-size", type=_int_list("--group-size", GROUP_SIZES), default=[128],
+                   help="32,64,128,256 or -1 (default 128)")
+    p.add_argument("--dtype", type=_choice_list("--dtype", DTYPES), default=["bfloat16"],
+                   help="bfloat16,float16 (default bfloat16)")
+    p.add_argument("--margin", type=float, default=0.03,
+                   help="how much faster than the rule's path another must be (default 0.03)")
     p.add_argument("--calls", type=int, default=20, help="timed calls per round (2 rounds)")
     p.add_argument("--cache", default=None, help=f"the cache file (default: ${tuning.ENV}, else ~/.cache/...)")
     p.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
