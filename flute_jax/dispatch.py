@@ -107,7 +107,7 @@ TILE_MIN_WEIGHT_FOR_GPU_MAX = 8192 * 8192
 # plus a tensor-core dot.
 KERNEL_MAX_M = 192
 
-PATHS = ("mma", "wgmma", "dense")
+PATHS = tuning.PATHS  # ("mma", "wgmma", "dense")
 
 
 def tile_max_m(device_kind: str = "", weight_elements: Optional[int] = None) -> int:

@@ -174,7 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     path = args.cache or tuning.default_location()
-    if path is None and not args.dry_run:
+    if path is None and (args.show or not args.dry_run):
         p.error(f"${tuning.ENV} is 'none' and no --cache was given: nowhere to read or write")
     if args.show:
         try:
@@ -195,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import jax
 
-    from . import _ffi
+    from . import __version__, _ffi
     from .bench import device as device_mod
     from .bench import runner, timing
     from .bench.shapes import resolve_shapes
@@ -217,7 +217,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     kind = dev.device_kind
     wgmma = _ffi.cuda_has_wgmma()
     print(f"tuning {len(problems)} problems on {kind} (tile kernel: {'yes' if wgmma else 'no'}); device us per call:")
-    from . import __version__
 
     old: list = []
     if not args.dry_run:

@@ -40,7 +40,7 @@ from typing import Iterable, Optional
 
 VERSION = 1
 ENV = "FLUTE_JAX_TUNING_CACHE"
-PATHS = ("mma", "wgmma", "dense")
+PATHS = ("mma", "wgmma", "dense")  # qgemm's GPU paths (flute_jax.dispatch)
 # A call uses an entry measured at an M within this factor of its own.
 M_REACH = 2.0
 

@@ -192,8 +192,9 @@ def test_tune_cli_show_and_errors(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         tune.main(["--bits", "5"])
     monkeypatch.setenv(tuning.ENV, "none")
-    with pytest.raises(SystemExit):
-        tune.main(["--show"])
+    for show in (["--show"], ["--show", "--dry-run"]):
+        with pytest.raises(SystemExit):
+            tune.main(show)
     if not gpu_available():
         for cache in (["--cache", str(path)], ["--dry-run"]):  # a dry run needs no cache file
             with pytest.raises(SystemExit):
