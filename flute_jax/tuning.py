@@ -109,8 +109,7 @@ def read(path: str) -> list[Entry]:
 
 def write(path: str, entries: Iterable[Entry]) -> None:
     """Writes ``entries`` (sorted, one per problem and M) to ``path`` atomically."""
-    unique = {(e.problem, e.m): e for e in entries}
-    ordered = [unique[key] for key in sorted(unique)]
+    ordered = sorted(merge((), entries), key=lambda e: (e.problem, e.m))
     doc = {"version": VERSION, "entries": [dataclasses.asdict(e) for e in ordered]}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
