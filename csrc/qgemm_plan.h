@@ -54,8 +54,9 @@ inline int FluteTileRows(int64_t m) { return m <= 32 ? 32 : m <= 64 ? 64 : 128; 
 // iterations with twice the fix-up per split column: they pay from 8 iterations
 // per block (H100, one launch per 128 rows: 8192 x 57344 at M = 128 went 312 ->
 // 281 us with them, 8192 x 8192 went 59 -> 86 us at 4 iterations per block).
-inline int FluteTileColumnN(int64_t m, int64_t k, int64_t n, int64_t grid) {
-  const int64_t row_tiles = (m + FluteTileRows(m) - 1) / FluteTileRows(m);
+inline int FluteTileColumnN(int64_t m, int64_t k, int64_t n, int64_t grid, int tile_rows = 0) {
+  const int rows = tile_rows ? tile_rows : FluteTileRows(m);
+  const int64_t row_tiles = (m + rows - 1) / rows;
   const int64_t wide_iters =
       row_tiles * ((n + kFluteTileColumnN - 1) / kFluteTileColumnN) * ((k + kFluteUnitK - 1) / kFluteUnitK);
   return wide_iters >= 8 * grid ? kFluteTileColumnN : kFluteColumnN;
@@ -63,15 +64,16 @@ inline int FluteTileColumnN(int64_t m, int64_t k, int64_t n, int64_t grid) {
 
 // The plan for a call the kernel applies to, given the GPU's multiprocessors and
 // how many blocks of the chosen kernel (decode, or tile when `wgmma`) fit on one;
-// tile_column_n is the tile kernel's column width.
+// tile_column_n is the tile kernel's column width, tile_rows its x tile (0: FluteTileRows).
 inline FlutePlan PlanFlute(int64_t m, int64_t k, int64_t n, int64_t group_rows, bool is_half_type,
-                           int sm_count, int blocks_per_sm, bool wgmma = false, int tile_column_n = kFluteColumnN) {
+                           int sm_count, int blocks_per_sm, bool wgmma = false, int tile_column_n = kFluteColumnN,
+                           int tile_rows = 0) {
   FlutePlan plan;
   plan.fast = FluteApplies(m, k, n, group_rows, is_half_type) && sm_count > 0 && blocks_per_sm > 0;
   if (!plan.fast) return plan;
   plan.wgmma = wgmma;
   plan.m_blocks = wgmma ? 0 : FluteMBlocks(m);
-  plan.rows_per_launch = wgmma ? FluteTileRows(m) : 8 * plan.m_blocks;
+  plan.rows_per_launch = wgmma ? (tile_rows ? tile_rows : FluteTileRows(m)) : 8 * plan.m_blocks;
   plan.column_n = wgmma ? tile_column_n : kFluteColumnN;
   plan.columns = static_cast<int>((n + plan.column_n - 1) / plan.column_n);
   plan.k_units = static_cast<int>((k + kFluteUnitK - 1) / kFluteUnitK);

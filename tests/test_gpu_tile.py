@@ -104,6 +104,26 @@ def test_wide_columns(rng, gpu, bits, dtype, m):
     check_qgemm(rng, gpu, k, n, (m,), bits, 128, dtype, repeats=2)
 
 
+@pytest.mark.parametrize("tile,bits,dtype,m", [("32x128", 4, "bfloat16", 100), ("32x256", 3, "float16", 70),
+                                               ("64x256", 2, "bfloat16", 200), ("128x128", 4, "float16", 40),
+                                               ("128x256", 4, "bfloat16", 300), ("64x128", 3, "bfloat16", 129)])
+def test_forced_tile_configuration(rng, gpu, monkeypatch, tile, bits, dtype, m):
+    # FLUTE_JAX_TILE forces the x tile and the column width (a measuring knob, csrc/qgemm_flute.cu):
+    # every instance is right at every M, also the ones the plan would not pick there.
+    rows, column_n = (int(v) for v in tile.split("x"))
+    monkeypatch.setenv("FLUTE_JAX_TILE", tile)
+    jax.clear_caches()
+    k, n = 2304, 1040
+    plan = _ffi.cuda_plan(m, k, n, 64, bits, jnp.dtype(dtype), wgmma=True)
+    assert plan["kernel"] == "flute_wgmma" and plan["rows_per_launch"] == rows and plan["column_n"] == column_n
+    assert plan["row_tiles"] == -(-m // rows)
+    check_qgemm(rng, gpu, k, n, (m,), bits, 64, dtype, repeats=2)
+    # a value that is not a configuration leaves the plan's own choice
+    monkeypatch.setenv("FLUTE_JAX_TILE", "96x128")
+    assert _ffi.cuda_plan(m, k, n, 64, bits, jnp.dtype(dtype), wgmma=True)["rows_per_launch"] == (
+        32 if m <= 32 else 64 if m <= 64 else 128)
+
+
 def test_tile_kernel_nan_propagates(rng, gpu):
     qw = jax.device_put(random_weight(rng, 512, 200, 4, 128, jnp.bfloat16), gpu)
     x = np.asarray(rng.standard_normal((70, 512)), np.float32)
