@@ -179,11 +179,12 @@ FlutePlan MakeFlutePlan(int64_t m, int64_t k, int64_t n, int64_t group_rows, int
   // The tile kernels run one block per multiprocessor (shared memory); the
   // column width depends on the grid, the grid on the instance's occupancy.
   const TileForce forced = ForcedTile();
-  const int rows = forced.rows ? forced.rows : FluteTileRows(m);
+  const int rows = forced.rows ? forced.rows : FluteTileRows(m, k, n, sm_count);
   const int narrow_blocks = FluteTileBlocksPerSm(bits, bf16, rows, kFluteColumnN);
-  const int column_n = forced.column_n ? forced.column_n : FluteTileColumnN(m, k, n, int64_t{sm_count} * narrow_blocks);
+  const int column_n =
+      forced.column_n ? forced.column_n : FluteTileColumnN(m, k, n, rows, int64_t{sm_count} * narrow_blocks);
   const int blocks = column_n == kFluteColumnN ? narrow_blocks : FluteTileBlocksPerSm(bits, bf16, rows, column_n);
-  return PlanFlute(m, k, n, group_rows, is_half_type, sm_count, blocks, true, column_n, rows);
+  return PlanFlute(m, k, n, group_rows, is_half_type, sm_count, blocks, true, rows, column_n);
 }
 
 cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, const uint32_t* codes,
