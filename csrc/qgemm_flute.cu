@@ -15,6 +15,8 @@
 
 #include <atomic>
 #include <climits>
+#include <cstdio>
+#include <cstdlib>
 
 #include "kernel_attributes.h"
 #include "qgemm_flute.cuh"
@@ -141,6 +143,28 @@ template cudaError_t LaunchWithCounters<CUtensorMap>(void (*)(flute::Params, CUt
                                                      cudaStream_t, int, bool, const flute::Params&,
                                                      const CUtensorMap&);
 
+// FLUTE_JAX_TILE=<rows>x<column_n> (e.g. 64x128) in the environment forces the tile
+// kernel's x tile (32, 64 or 128 rows) and column width (128 or 256 features), for
+// measuring the plan's own choice against the others; other values are ignored. Read at
+// every plan, so the lowering's workspace size and the call agree within a process.
+namespace {
+struct TileForce {
+  int rows = 0, column_n = 0;
+};
+TileForce ForcedTile() {
+  TileForce forced;
+  const char* value = std::getenv("FLUTE_JAX_TILE");
+  int rows = 0, column_n = 0;
+  char tail = 0;
+  if (value != nullptr && std::sscanf(value, "%dx%d%c", &rows, &column_n, &tail) == 2 &&
+      (rows == 32 || rows == 64 || rows == 128) && (column_n == kFluteColumnN || column_n == kFluteTileColumnN)) {
+    forced.rows = rows;
+    forced.column_n = column_n;
+  }
+  return forced;
+}
+}  // namespace
+
 FlutePlan MakeFlutePlan(int64_t m, int64_t k, int64_t n, int64_t group_rows, int bits, bool is_half_type,
                         bool bf16, bool want_wgmma) {
   if (!FluteApplies(m, k, n, group_rows, is_half_type)) return FlutePlan{};
@@ -154,11 +178,13 @@ FlutePlan MakeFlutePlan(int64_t m, int64_t k, int64_t n, int64_t group_rows, int
   }
   // The tile kernels run one block per multiprocessor (shared memory); the
   // column width depends on the grid, the grid on the instance's occupancy.
-  const int narrow_blocks = FluteTileBlocksPerSm(bits, bf16, FluteTileRows(m), kFluteColumnN);
-  const int column_n = FluteTileColumnN(m, k, n, int64_t{sm_count} * narrow_blocks);
-  const int blocks = column_n == kFluteColumnN ? narrow_blocks
-                                               : FluteTileBlocksPerSm(bits, bf16, FluteTileRows(m), column_n);
-  return PlanFlute(m, k, n, group_rows, is_half_type, sm_count, blocks, true, column_n);
+  const TileForce forced = ForcedTile();
+  const int rows = forced.rows ? forced.rows : FluteTileRows(m, k, n, sm_count);
+  const int narrow_blocks = FluteTileBlocksPerSm(bits, bf16, rows, kFluteColumnN);
+  const int column_n =
+      forced.column_n ? forced.column_n : FluteTileColumnN(m, k, n, rows, int64_t{sm_count} * narrow_blocks);
+  const int blocks = column_n == kFluteColumnN ? narrow_blocks : FluteTileBlocksPerSm(bits, bf16, rows, column_n);
+  return PlanFlute(m, k, n, group_rows, is_half_type, sm_count, blocks, true, rows, column_n);
 }
 
 cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, const uint32_t* codes,

@@ -44,34 +44,51 @@ inline int64_t FluteCounterOffset(const FlutePlan& plan) { return 2 * int64_t{pl
 inline int64_t FluteCounterCount(const FlutePlan& plan) { return int64_t{plan.row_tiles} * plan.columns; }
 
 inline int FluteMBlocks(int64_t m) { return m <= 8 ? 1 : m <= 16 ? 2 : 4; }
+
+// Stream-K iterations of the tile kernel for an x tile of `rows` and columns of
+// `column_n` features.
+inline int64_t FluteTileIterations(int64_t m, int64_t k, int64_t n, int rows, int column_n) {
+  return ((m + rows - 1) / rows) * ((n + column_n - 1) / column_n) * ((k + kFluteUnitK - 1) / kFluteUnitK);
+}
+
 // Rows of x per tile of the tile kernel. Up to 32 rows, a 32-row tile halves the
 // tensor cores' reads of x from shared memory (wgmma's B) against a 64-row one, and
-// the multiplies of rows that do not exist.
-inline int FluteTileRows(int64_t m) { return m <= 32 ? 32 : m <= 64 ? 64 : 128; }
+// the multiplies of rows that do not exist. Above 64 rows, 128-row tiles, unless
+// they leave fewer than 6 Stream-K iterations per multiprocessor: then 64-row tiles,
+// twice the iterations, keep every multiprocessor streaming (H200, M = 128:
+// 4096 x 4096 with 3.9 iterations per SM went 26.3 -> 20.0 us, 4096 x 6144 with 5.8
+// went 27.7 -> 25.8 us; with 7.8 and more 64-row tiles lost, 4096 x 4096 at M = 256
+// by 3%, 8192 x 8192 at M = 128 by 13%).
+inline int FluteTileRows(int64_t m, int64_t k, int64_t n, int64_t sm_count) {
+  if (m <= 32) return 32;
+  if (m <= 64) return 64;
+  return FluteTileIterations(m, k, n, 128, kFluteColumnN) < 6 * sm_count ? 64 : 128;
+}
 
 // The tile kernel's column width. 256 features halve the x traffic per
 // multiply-add, but split the problem into half as many, twice as long Stream-K
-// iterations with twice the fix-up per split column: they pay from 8 iterations
-// per block (H100, one launch per 128 rows: 8192 x 57344 at M = 128 went 312 ->
-// 281 us with them, 8192 x 8192 went 59 -> 86 us at 4 iterations per block).
-inline int FluteTileColumnN(int64_t m, int64_t k, int64_t n, int64_t grid) {
-  const int64_t row_tiles = (m + FluteTileRows(m) - 1) / FluteTileRows(m);
-  const int64_t wide_iters =
-      row_tiles * ((n + kFluteTileColumnN - 1) / kFluteTileColumnN) * ((k + kFluteUnitK - 1) / kFluteUnitK);
-  return wide_iters >= 8 * grid ? kFluteTileColumnN : kFluteColumnN;
+// iterations, with twice the fix-up per split column. They pay only from about 48
+// iterations per block (H200, M = 128..512 over the Llama-3 8B/70B shapes:
+// 8192 x 57344 at M = 256 has 108 and went 395 -> 375 us with them, 28672 x 8192 at
+// M = 256 has 54 and went 220 -> 207 us; below that 128-feature columns won by 2-32%,
+// e.g. 4096 x 6144 at M = 384 with 8.7: 60.7 -> 46.1 us, and 28672 x 8192 at M = 128
+// with 27: 131.7 -> 120.2 us).
+inline int FluteTileColumnN(int64_t m, int64_t k, int64_t n, int tile_rows, int64_t grid) {
+  return FluteTileIterations(m, k, n, tile_rows, kFluteTileColumnN) >= 48 * grid ? kFluteTileColumnN : kFluteColumnN;
 }
 
 // The plan for a call the kernel applies to, given the GPU's multiprocessors and
 // how many blocks of the chosen kernel (decode, or tile when `wgmma`) fit on one;
-// tile_column_n is the tile kernel's column width.
+// tile_rows and tile_column_n are the tile kernel's x tile and column width.
 inline FlutePlan PlanFlute(int64_t m, int64_t k, int64_t n, int64_t group_rows, bool is_half_type,
-                           int sm_count, int blocks_per_sm, bool wgmma = false, int tile_column_n = kFluteColumnN) {
+                           int sm_count, int blocks_per_sm, bool wgmma = false, int tile_rows = 0,
+                           int tile_column_n = kFluteColumnN) {
   FlutePlan plan;
   plan.fast = FluteApplies(m, k, n, group_rows, is_half_type) && sm_count > 0 && blocks_per_sm > 0;
   if (!plan.fast) return plan;
   plan.wgmma = wgmma;
   plan.m_blocks = wgmma ? 0 : FluteMBlocks(m);
-  plan.rows_per_launch = wgmma ? FluteTileRows(m) : 8 * plan.m_blocks;
+  plan.rows_per_launch = wgmma ? tile_rows : 8 * plan.m_blocks;
   plan.column_n = wgmma ? tile_column_n : kFluteColumnN;
   plan.columns = static_cast<int>((n + plan.column_n - 1) / plan.column_n);
   plan.k_units = static_cast<int>((k + kFluteUnitK - 1) / kFluteUnitK);

@@ -59,12 +59,21 @@ def test_plan_takes_the_tile_kernel(monkeypatch):
     for m in (17, 33, 64, 128, 4096):
         expected = "wgmma" if m <= dispatch.tile_max_m(kind) else "dense"
         assert dispatch.gpu_path(m, 4096, 4096, 4, wgmma=True, device_kind=kind) == expected
-        plan = _ffi.cuda_plan(m, 4096, 4096, 128, 4, jnp.bfloat16, wgmma=True)
+    # (m, k, n) -> x tile rows, column width (csrc/qgemm_plan.h; 132 multiprocessors).
+    # 64-row tiles above M = 64 where 128-row ones give under 6 Stream-K iterations per
+    # SM; 256-wide columns from 48 iterations per block.
+    expected_tiles = {(17, 4096, 4096): (32, 128), (33, 4096, 4096): (64, 128), (64, 4096, 4096): (64, 128),
+                      (128, 4096, 4096): (64, 128), (256, 4096, 4096): (128, 128), (128, 8192, 8192): (128, 128),
+                      (384, 4096, 6144): (128, 128), (256, 8192, 57344): (128, 256), (128, 28672, 8192): (128, 128),
+                      (4096, 4096, 4096): (128, 256)}
+    if getattr(jax.devices("gpu")[0], "core_count", None) != 132:
+        expected_tiles = {}  # another GPU (H100 and H200 SXM have 132): the thresholds count multiprocessors
+    for (m, k, n), (tile_rows, column_n) in expected_tiles.items():
+        plan = _ffi.cuda_plan(m, k, n, 128, 4, jnp.bfloat16, wgmma=True)
         assert plan["kernel"] == "flute_wgmma" and plan["workspace_bytes"] > 0
-        tile_rows = 32 if m <= 32 else 64 if m <= 64 else 128
-        assert plan["rows_per_launch"] == tile_rows and plan["row_tiles"] == -(-m // tile_rows)
-        # 4096 x 4096: 256-wide columns once M gives enough Stream-K iterations per block
-        assert plan["column_n"] == (256 if m == 4096 else 128)
+        got = (plan["rows_per_launch"], plan["column_n"])
+        assert got == (tile_rows, column_n), (m, k, n, got)
+        assert plan["row_tiles"] == -(-m // tile_rows)
 
 
 @pytest.mark.parametrize("bits,group_size,dtype", list(itertools.product(BITS, GROUP_SIZES, DTYPES)))
@@ -95,13 +104,39 @@ def test_forced_tile_kernel_at_small_m(rng, gpu, monkeypatch, m):
 
 @pytest.mark.parametrize("bits,dtype,m", [(4, "float16", 24), (4, "bfloat16", 64), (3, "float16", 200),
                                           (2, "bfloat16", 130)])
-def test_wide_columns(rng, gpu, bits, dtype, m):
+def test_wide_columns(rng, gpu, monkeypatch, bits, dtype, m):
     # Enough Stream-K iterations per block for 256-feature columns (two N-blocks per
     # warp); N = 17000 ends in a partial column and a partial N-block.
+    # (The plan takes them only from 48 iterations per block, too big a problem for a
+    # float64 reference: forced here; test_plan_takes_the_tile_kernel checks the choice.)
     k, n = 4096, 17000
+    rows = 32 if m <= 32 else 64 if m <= 64 else 128
+    monkeypatch.setenv("FLUTE_JAX_TILE", f"{rows}x256")
+    jax.clear_caches()
     plan = _ffi.cuda_plan(m, k, n, 128, bits, jnp.dtype(dtype), wgmma=True)
     assert plan["kernel"] == "flute_wgmma" and plan["column_n"] == 256
     check_qgemm(rng, gpu, k, n, (m,), bits, 128, dtype, repeats=2)
+
+
+@pytest.mark.parametrize("tile,bits,dtype,m", [("32x128", 4, "bfloat16", 100), ("32x256", 3, "float16", 70),
+                                               ("64x256", 2, "bfloat16", 200), ("128x128", 4, "float16", 40),
+                                               ("128x256", 4, "bfloat16", 300), ("64x128", 3, "bfloat16", 129)])
+def test_forced_tile_configuration(rng, gpu, monkeypatch, tile, bits, dtype, m):
+    # FLUTE_JAX_TILE forces the x tile and the column width (a measuring knob, csrc/qgemm_flute.cu):
+    # every instance is right at every M, also the ones the plan would not pick there.
+    rows, column_n = (int(v) for v in tile.split("x"))
+    monkeypatch.setenv("FLUTE_JAX_TILE", tile)
+    jax.clear_caches()
+    k, n = 2304, 1040
+    plan = _ffi.cuda_plan(m, k, n, 64, bits, jnp.dtype(dtype), wgmma=True)
+    assert plan["kernel"] == "flute_wgmma" and plan["rows_per_launch"] == rows and plan["column_n"] == column_n
+    assert plan["row_tiles"] == -(-m // rows)
+    check_qgemm(rng, gpu, k, n, (m,), bits, 64, dtype, repeats=2)
+    # a value that is not a configuration leaves the plan's own choice
+    monkeypatch.setenv("FLUTE_JAX_TILE", "96x128")
+    own = _ffi.cuda_plan(m, k, n, 64, bits, jnp.dtype(dtype), wgmma=True)
+    monkeypatch.delenv("FLUTE_JAX_TILE")
+    assert own == _ffi.cuda_plan(m, k, n, 64, bits, jnp.dtype(dtype), wgmma=True)
 
 
 def test_tile_kernel_nan_propagates(rng, gpu):
