@@ -112,9 +112,13 @@ int main(int argc, char** argv) {
   cudaEvent_t start, stop;
   CHECK(cudaEventCreate(&start));
   CHECK(cudaEventCreate(&stop));
-  std::printf("M=%lld K=%lld N=%lld bits=%d group=%lld: grid %d, %d columns x %d units, %lld iterations\n",
-              (long long)m, (long long)k, (long long)n, bits, (long long)group, plan.grid, plan.columns, plan.k_units,
-              (long long)plan.columns * plan.k_units);
+  // (Decode launches cover M in launches of rows_per_launch rows; the tile kernel's
+  // Stream-K columns are row_tiles x feature columns.)
+  std::printf("M=%lld K=%lld N=%lld bits=%d group=%lld: grid %d, %d rows per %s, %d x %d columns of %d features x %d "
+              "units, %lld iterations\n",
+              (long long)m, (long long)k, (long long)n, bits, (long long)group, plan.grid, plan.rows_per_launch,
+              plan.wgmma ? "tile" : "launch", plan.row_tiles, plan.columns, plan.column_n, plan.k_units,
+              (long long)plan.row_tiles * plan.columns * plan.k_units);
 
   constexpr int kS = flute::kStamps;
   const char* names[kS - 1] = {"entry", "table built", "first stage", "compute done", "counter", "fix-up done", "exit"};
