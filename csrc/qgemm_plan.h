@@ -79,7 +79,7 @@ inline int FluteTileColumnN(int64_t m, int64_t k, int64_t n, int tile_rows, int6
 
 // The plan for a call the kernel applies to, given the GPU's multiprocessors and
 // how many blocks of the chosen kernel (decode, or tile when `wgmma`) fit on one;
-// tile_rows and tile_column_n are the tile kernel's x tile and column width.
+// tile_rows and tile_column_n are the tile kernel's x tile (0: FluteTileRows) and column width.
 inline FlutePlan PlanFlute(int64_t m, int64_t k, int64_t n, int64_t group_rows, bool is_half_type,
                            int sm_count, int blocks_per_sm, bool wgmma = false, int tile_rows = 0,
                            int tile_column_n = kFluteColumnN) {
@@ -88,7 +88,7 @@ inline FlutePlan PlanFlute(int64_t m, int64_t k, int64_t n, int64_t group_rows, 
   if (!plan.fast) return plan;
   plan.wgmma = wgmma;
   plan.m_blocks = wgmma ? 0 : FluteMBlocks(m);
-  plan.rows_per_launch = wgmma ? tile_rows : 8 * plan.m_blocks;
+  plan.rows_per_launch = wgmma ? (tile_rows ? tile_rows : FluteTileRows(m, k, n, sm_count)) : 8 * plan.m_blocks;
   plan.column_n = wgmma ? tile_column_n : kFluteColumnN;
   plan.columns = static_cast<int>((n + plan.column_n - 1) / plan.column_n);
   plan.k_units = static_cast<int>((k + kFluteUnitK - 1) / kFluteUnitK);
