@@ -370,13 +370,15 @@ def test_failed_measurement_is_recorded_and_sweep_goes_on(monkeypatch, tmp_path,
 
 # ---------------------------------------------------------------- compare
 def _doc(points, device="GPU A"):
-    """A minimal benchmark document: points = {(shape, m): (flute us, dot us)}."""
+    """A minimal benchmark document: points = {(shape, m): (flute us, dot us)}; a dot time of
+    None: flute measured alone (``--methods flute``)."""
     results = []
     for (name, m), (t_flute, t_dot) in points.items():
+        methods = {"flute": {"time_us": t_flute, "speedup_vs_dot": t_dot / t_flute if t_dot else None}}
+        if t_dot:
+            methods["xla_dot"] = {"time_us": t_dot}
         results.append({"shape_name": name, "m": m, "k": 4096, "n": 4096, "bits": 4, "group_size": 128,
-                        "dtype": "bfloat16", "methods": {
-                            "flute": {"time_us": t_flute, "speedup_vs_dot": t_dot / t_flute},
-                            "xla_dot": {"time_us": t_dot}}})
+                        "dtype": "bfloat16", "methods": methods})
     return {"schema": report.SCHEMA, "environment": {"device": device, "date": "2026-11-30"}, "results": results}
 
 
@@ -404,6 +406,20 @@ def test_compare_gains_and_geomeans(tmp_path, capsys):
     # geomean at M=1: old sqrt(2 * 2) = 2, new sqrt(2.5 * 8) = 4.47, gain sqrt(1.25 * 4) = 2.24
     assert rows[("geomean", "1")][5:] == ["2.00x", "4.47x", "2.24x"]
     assert rows[("geomean", "16")][5:] == ["1.00x", "-", "-"]
+
+
+def test_compare_geomeans_of_runs_without_the_dot(tmp_path, capsys):
+    # --methods flute alone: no speed-ups, but the gains still get their geometric mean
+    base = _doc({("a", 1): (10.0, None), ("b", 1): (40.0, None)})
+    new = _doc({("a", 1): (8.0, None), ("b", 1): (10.0, None)})
+    paths = []
+    for i, doc in enumerate((base, new)):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(doc))
+    assert cli.main(["compare", str(paths[0]), str(paths[1]), "--labels", "old,new"]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert rows[("a", "1")][5:] == ["10.0", "-", "8.00", "-", "1.25x"]
+    assert rows[("geomean", "1")][5:] == ["-", "-", "2.24x"]  # sqrt(1.25 * 4)
 
 
 def test_compare_arguments(tmp_path, capsys):

@@ -228,7 +228,8 @@ def compare(docs: list[dict], labels: list[str], method: str = "flute") -> str:
                 if gain:
                     gains[(dtype, group, bits, m)][i].append(gain)
         rows.append(row)
-    for k in sorted(speedups):
+    # (Keys of the gains too: runs of the method alone, without the dot, have gains but no speed-ups.)
+    for k in sorted(set(speedups) | set(gains)):
         row = ["geomean", str(k[3]), str(k[2]), str(k[1]), k[0]]
         for i in range(len(docs)):
             row += ["", _fmt_x(geomean(speedups[k][i]))] + ([_fmt_x(geomean(gains[k][i]))] if i else [])
