@@ -179,6 +179,61 @@ __device__ __forceinline__ void LookupTile(const uint32_t (&w)[4 * kBits], int t
   }
 }
 
+// The 2-bit decode kernel's table of quads: 2^8 entries, one per code byte, each the
+// two pairs of that byte (four weights: two A registers), 16 copies 8 bytes apart. One
+// 64-bit load replaces two pair lookups (and their address arithmetic): the 2-bit kernel
+// is bound by instruction issue, not by shared-memory bandwidth, whose bytes per weight
+// do not change. A warp's 64-bit load is served a half-warp at a time, so 16 copies
+// keep every lane on its own banks (lane l: banks 2 (l % 16) and 2 (l % 16) + 1).
+struct QuadTable {
+  static constexpr int kCopies = 16;
+  static constexpr int kShift = 7;  // log2 of an entry's bytes (all its copies)
+  static constexpr int kBytes = 256 * kCopies * 8;
+  static constexpr int kAlign = 16;
+  static constexpr int kReserve = kBytes;
+};
+
+// Builds the quad table from the 4 values at `table_values` (consumer threads, like
+// BuildPairTable); returns this lane's address of entry 0, hidden from ptxas.
+template <typename T>
+__device__ __forceinline__ uint32_t BuildQuadTable(const void* table_values, uint32_t* quad_table, int tid) {
+  using T2 = typename Vec2<T>::type;
+  __shared__ T table[4];
+  if (tid < 4) table[tid] = static_cast<const T*>(table_values)[tid];
+  ptx::NamedBarrier(kConsumerBarrier, kConsumers);
+  constexpr int kChunks = 256 * QuadTable::kCopies / 2;  // 16-byte chunks of two copies each
+#pragma unroll
+  for (int i = tid; i < kChunks; i += kConsumers) {
+    const int e = i / (QuadTable::kCopies / 2);
+    uint32_t pair[2];  // the pairs of the byte's low and high nibble (2-bit pair index: even | odd << 2)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int index = (e >> (4 * h)) & 15;
+      T2 v;
+      v.x = table[index & 3];
+      v.y = table[index >> 2];
+      pair[h] = *reinterpret_cast<uint32_t*>(&v);
+    }
+    reinterpret_cast<uint4*>(quad_table)[i] = make_uint4(pair[0], pair[1], pair[0], pair[1]);
+  }
+  ptx::NamedBarrier(kConsumerBarrier, kConsumers);
+  const uint32_t lane_addr = ptx::SharedAddress(quad_table) + 8 * (tid & (QuadTable::kCopies - 1));
+  return __shfl_sync(0xffffffffu, lane_addr, tid & 31);
+}
+
+// The A fragment of k-tile t of a 2-bit unit from the quad table: byte b of the tile's
+// 16-bit half of the code words holds pairs 2 b (low nibble) and 2 b + 1, i.e. A
+// registers a[2 b] and a[2 b + 1]. Per byte: PRMT, IMAD, one 64-bit load.
+__device__ __forceinline__ void LookupQuadTile(const uint32_t (&w)[8], int t, uint32_t lane_addr, uint32_t (&a)[4]) {
+#pragma unroll
+  for (int b = 0; b < 2; ++b) {
+    const uint32_t index = __byte_perm(w[t >> 1], 0, 0x4440 + 2 * (t & 1) + b);
+    const uint2 v = ptx::LdShared64((index << QuadTable::kShift) + lane_addr);
+    a[2 * b] = v.x;
+    a[2 * b + 1] = v.y;
+  }
+}
+
 // A lane's code words of its warp's unit in a stage (16-byte loads, plane by plane).
 template <int kBits>
 __device__ __forceinline__ void LoadCodes(const uint32_t* unit, int lane, uint32_t (&w)[4 * kBits]) {
