@@ -157,6 +157,26 @@ __device__ __forceinline__ uint32_t BuildPairTable(const void* table_values, uin
   return __shfl_sync(0xffffffffu, lane_addr, tid & 31);
 }
 
+// The 6-bit pair indices of k-tiles 2 j and 2 j + 1 of a 3-bit unit, a byte each
+// (bits 0-3 from the 2-bit plane, 4-5 from the 1-bit plane, 6-7 garbage): for odd = 0
+// the pairs pr = 0 and 2, for odd = 1 the pairs 1 and 3; byte 2 (t & 1) + (pr >> 1)
+// holds pair pr of tile t. The 2-bit plane word j holds pair pr of tile t in nibble
+// 4 (t & 1) + pr; the 1-bit plane word 8 + j / 2 holds it at bits 8 (t & 3) + 2 pr.
+// Merging once per 8 lookups (PRMT, shifts, LOP3s: ~9 instructions) leaves one shift
+// and one LOP3 per lookup, where taking both fields apart cost two of each.
+__device__ __forceinline__ uint32_t ThreeBitIndices(const uint32_t (&w)[12], int j, int odd) {
+  // x byte k = the 1-bit plane's byte of tile 2 j + (k >> 1)
+  const uint32_t x = __byte_perm(w[8 + (j >> 1)], 0, (j & 1) ? 0x3322 : 0x1100);
+  // bits 4-5 of byte k <- the 1-bit field of pair 2 (k & 1) + odd: at bits 2 odd (even
+  // bytes) or 4 + 2 odd (odd bytes) of x's byte
+  const uint32_t high = odd ? ((x << 2) & 0x00FF00FFu) | ((x >> 2) & 0xFF00FF00u)
+                            : ((x << 4) & 0x00FF00FFu) | (x & 0xFF00FF00u);
+  const uint32_t low = odd ? w[j] >> 4 : w[j];  // the pairs' nibbles at bits 0-3 of each byte
+  uint32_t merged = (low & 0x0F0F0F0Fu) | (high & 0xF0F0F0F0u);
+  asm volatile("" : "+r"(merged));  // merged once for 4 lookups: NVVM would take it apart per lookup
+  return merged;
+}
+
 // The A fragment (16 features x 16 k, mma/wgmma register order) of k-tile t of a
 // lane's unit, whose code words (plane by plane) are w: four pair lookups.
 template <int kBits, int kTableCopies = kCopies>
@@ -171,9 +191,9 @@ __device__ __forceinline__ void LookupTile(const uint32_t (&w)[4 * kBits], int t
       addr = (__byte_perm(w[t], 0, 0x4440 + pr) << PairTable<4, kTableCopies>::kShift) + lane_addr;
     } else if constexpr (kBits == 2) {
       addr = PairBits<4>(w[t >> 1], 16 * (t & 1) + 4 * pr, lane_addr);
-    } else {  // low 4 bits of the pair index from the 2-bit plane, high 2 from the 1-bit plane
-      addr = PairBits<2, 4>(w[8 + (t >> 2)], 8 * (t & 3) + 2 * pr,
-                            PairBits<4>(w[t >> 1], 16 * (t & 1) + 4 * pr, lane_addr));
+    } else {  // the pair index: low 4 bits from the 2-bit plane, high 2 from the 1-bit plane
+      const uint32_t merged = ThreeBitIndices(w, t >> 1, pr & 1);
+      addr = PairBits<6>(merged, 8 * (2 * (t & 1) + (pr >> 1)), lane_addr);
     }
     a[pr] = ptx::LdShared(addr);
   }
