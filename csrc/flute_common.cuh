@@ -149,8 +149,32 @@ __device__ __forceinline__ uint32_t BuildPairTable(const void* table_values, uin
   }
   ptx::NamedBarrier(kConsumerBarrier, kConsumers);
   uint32_t lane_addr = ptx::SharedAddress(pair_table) + 4 * (tid & (kTableCopies - 1));
-  asm volatile("" : "+r"(lane_addr));
-  return lane_addr;
+  // A shuffle (of the lane's own value) hides the sum from ptxas too; an empty asm
+  // statement hid it from the compiler's front end only, and ptxas, which knows the
+  // two terms' bits are disjoint, kept them in two registers and re-joined them with a
+  // second LOP3 in every 2- and 3-bit lookup (SASS: 338 instead of ~274 instructions
+  // per 2-bit unit and warp, 466 at 3 bits).
+  return __shfl_sync(0xffffffffu, lane_addr, tid & 31);
+}
+
+// The 6-bit pair indices of k-tiles 2 j and 2 j + 1 of a 3-bit unit, a byte each
+// (bits 0-3 from the 2-bit plane, 4-5 from the 1-bit plane, 6-7 garbage): for odd = 0
+// the pairs pr = 0 and 2, for odd = 1 the pairs 1 and 3; byte 2 (t & 1) + (pr >> 1)
+// holds pair pr of tile t. The 2-bit plane word j holds pair pr of tile t in nibble
+// 4 (t & 1) + pr; the 1-bit plane word 8 + j / 2 holds it at bits 8 (t & 3) + 2 pr.
+// Merging once per 8 lookups (PRMT, shifts, LOP3s: ~9 instructions) leaves one shift
+// and one LOP3 per lookup, where taking both fields apart cost two of each.
+__device__ __forceinline__ uint32_t ThreeBitIndices(const uint32_t (&w)[12], int j, int odd) {
+  // x byte k = the 1-bit plane's byte of tile 2 j + (k >> 1)
+  const uint32_t x = __byte_perm(w[8 + (j >> 1)], 0, (j & 1) ? 0x3322 : 0x1100);
+  // bits 4-5 of byte k <- the 1-bit field of pair 2 (k & 1) + odd: at bits 2 odd (even
+  // bytes) or 4 + 2 odd (odd bytes) of x's byte
+  const uint32_t high = odd ? ((x << 2) & 0x00FF00FFu) | ((x >> 2) & 0xFF00FF00u)
+                            : ((x << 4) & 0x00FF00FFu) | (x & 0xFF00FF00u);
+  const uint32_t low = odd ? w[j] >> 4 : w[j];  // the pairs' nibbles at bits 0-3 of each byte
+  uint32_t merged = (low & 0x0F0F0F0Fu) | (high & 0xF0F0F0F0u);
+  asm volatile("" : "+r"(merged));  // merged once for 4 lookups: NVVM would take it apart per lookup
+  return merged;
 }
 
 // The A fragment (16 features x 16 k, mma/wgmma register order) of k-tile t of a
@@ -167,11 +191,66 @@ __device__ __forceinline__ void LookupTile(const uint32_t (&w)[4 * kBits], int t
       addr = (__byte_perm(w[t], 0, 0x4440 + pr) << PairTable<4, kTableCopies>::kShift) + lane_addr;
     } else if constexpr (kBits == 2) {
       addr = PairBits<4>(w[t >> 1], 16 * (t & 1) + 4 * pr, lane_addr);
-    } else {  // low 4 bits of the pair index from the 2-bit plane, high 2 from the 1-bit plane
-      addr = PairBits<2, 4>(w[8 + (t >> 2)], 8 * (t & 3) + 2 * pr,
-                            PairBits<4>(w[t >> 1], 16 * (t & 1) + 4 * pr, lane_addr));
+    } else {  // the pair index: low 4 bits from the 2-bit plane, high 2 from the 1-bit plane
+      const uint32_t merged = ThreeBitIndices(w, t >> 1, pr & 1);
+      addr = PairBits<6>(merged, 8 * (2 * (t & 1) + (pr >> 1)), lane_addr);
     }
     a[pr] = ptx::LdShared(addr);
+  }
+}
+
+// The 2-bit decode kernel's table of quads: 2^8 entries, one per code byte, each the
+// two pairs of that byte (four weights: two A registers), 16 copies 8 bytes apart. One
+// 64-bit load replaces two pair lookups (and their address arithmetic): the 2-bit kernel
+// is bound by instruction issue, not by shared-memory bandwidth, whose bytes per weight
+// do not change. A warp's 64-bit load is served a half-warp at a time, so 16 copies
+// keep every lane on its own banks (lane l: banks 2 (l % 16) and 2 (l % 16) + 1).
+struct QuadTable {
+  static constexpr int kCopies = 16;
+  static constexpr int kShift = 7;  // log2 of an entry's bytes (all its copies)
+  static constexpr int kBytes = 256 * kCopies * 8;
+  static constexpr int kAlign = 16;
+  static constexpr int kReserve = kBytes;
+};
+
+// Builds the quad table from the 4 values at `table_values` (consumer threads, like
+// BuildPairTable); returns this lane's address of entry 0, hidden from ptxas.
+template <typename T>
+__device__ __forceinline__ uint32_t BuildQuadTable(const void* table_values, uint32_t* quad_table, int tid) {
+  using T2 = typename Vec2<T>::type;
+  __shared__ T table[4];
+  if (tid < 4) table[tid] = static_cast<const T*>(table_values)[tid];
+  ptx::NamedBarrier(kConsumerBarrier, kConsumers);
+  constexpr int kChunks = 256 * QuadTable::kCopies / 2;  // 16-byte chunks of two copies each
+#pragma unroll
+  for (int i = tid; i < kChunks; i += kConsumers) {
+    const int e = i / (QuadTable::kCopies / 2);
+    uint32_t pair[2];  // the pairs of the byte's low and high nibble (2-bit pair index: even | odd << 2)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int index = (e >> (4 * h)) & 15;
+      T2 v;
+      v.x = table[index & 3];
+      v.y = table[index >> 2];
+      pair[h] = *reinterpret_cast<uint32_t*>(&v);
+    }
+    reinterpret_cast<uint4*>(quad_table)[i] = make_uint4(pair[0], pair[1], pair[0], pair[1]);
+  }
+  ptx::NamedBarrier(kConsumerBarrier, kConsumers);
+  const uint32_t lane_addr = ptx::SharedAddress(quad_table) + 8 * (tid & (QuadTable::kCopies - 1));
+  return __shfl_sync(0xffffffffu, lane_addr, tid & 31);
+}
+
+// The A fragment of k-tile t of a 2-bit unit from the quad table: byte b of the tile's
+// 16-bit half of the code words holds pairs 2 b (low nibble) and 2 b + 1, i.e. A
+// registers a[2 b] and a[2 b + 1]. Per byte: PRMT, IMAD, one 64-bit load.
+__device__ __forceinline__ void LookupQuadTile(const uint32_t (&w)[8], int t, uint32_t lane_addr, uint32_t (&a)[4]) {
+#pragma unroll
+  for (int b = 0; b < 2; ++b) {
+    const uint32_t index = __byte_perm(w[t >> 1], 0, 0x4440 + 2 * (t & 1) + b);
+    const uint2 v = ptx::LdShared64((index << QuadTable::kShift) + lane_addr);
+    a[2 * b] = v.x;
+    a[2 * b + 1] = v.y;
   }
 }
 

@@ -142,6 +142,12 @@ __device__ __forceinline__ uint32_t LdShared(uint32_t addr) {
   return v;
 }
 
+__device__ __forceinline__ uint2 LdShared64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+
 // c += a * b for one m16n8k16 tile, fp32 accumulate; T is __half or __nv_bfloat16.
 template <typename T>
 __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {

@@ -14,6 +14,8 @@
 //  2. Vectorized lookup: a table of *pairs* (2^(2 bits) entries of half2/bf162)
 //     maps two adjacent-k codes to one A register. It is stored 32 times,
 //     interleaved so lane l always reads bank l: lookups never conflict.
+//     At 2 bits a table of *quads* (2^8 entries: the two pairs of a code byte,
+//     16 copies) gives two A registers per 64-bit load.
 //     Scales are applied per group, in fp32, to the group's mma accumulator
 //     (a few FFMAs per group instead of a multiply per weight pair).
 //  3. Stream-K: the (128-column, 256-k) iteration space is split evenly over a
@@ -38,7 +40,11 @@ namespace flute {
 constexpr int kStages = 3;
 constexpr int kXStride = kUnitK + 8;  // x row pitch in shared memory (halves): conflict-free ldmatrix
 
-// Dynamic shared memory: the pair table, then kStages pipeline stages.
+// The decode kernel's lookup table: pairs, or at 2 bits quads (flute_common.cuh).
+template <int kBits> struct DecodeTable { using type = PairTable<kBits>; };
+template <> struct DecodeTable<2> { using type = QuadTable; };
+
+// Dynamic shared memory: the lookup table, then kStages pipeline stages.
 template <int kBits, int kMBlocks>
 struct Smem {
   static constexpr int kUnitWords = 128 * kBits;
@@ -46,7 +52,7 @@ struct Smem {
   static constexpr int kXBytes = 8 * kMBlocks * kXStride * 2;
   static constexpr int kScaleBytes = kScaleRows * kColumnN * 2;
   static constexpr int kStageBytes = kCodeBytes + kXBytes + kScaleBytes;
-  static constexpr int kDynamic = PairTable<kBits>::kReserve + kStages * kStageBytes;
+  static constexpr int kDynamic = DecodeTable<kBits>::type::kReserve + kStages * kStageBytes;
 };
 
 // The producer warp: fills stage s for each of the block's iterations in turn,
@@ -127,9 +133,10 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
   const int it_begin = IterBegin(blockIdx.x, p), it_end = IterBegin(blockIdx.x + 1, p);
   const uint32_t full0 = ptx::SharedAddress(full_bar), empty0 = ptx::SharedAddress(empty_bar);
   const uint32_t smem_addr = ptx::SharedAddress(smem);
-  const uint32_t table_addr = (smem_addr + PairTable<kBits>::kAlign - 1) & ~uint32_t(PairTable<kBits>::kAlign - 1);
+  using Table = typename DecodeTable<kBits>::type;
+  const uint32_t table_addr = (smem_addr + Table::kAlign - 1) & ~uint32_t(Table::kAlign - 1);
   uint32_t* pair_table = reinterpret_cast<uint32_t*>(smem + (table_addr - smem_addr));
-  unsigned char* stages = reinterpret_cast<unsigned char*>(pair_table) + PairTable<kBits>::kBytes;
+  unsigned char* stages = reinterpret_cast<unsigned char*>(pair_table) + Table::kBytes;
   Stamp(0);
   if (tid == 0) {
 #pragma unroll
@@ -147,7 +154,11 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
   }
 
   // Consumers: build the pair table while the first stages load.
-  const uint32_t lane_addr = BuildPairTable<kBits, T>(p.table, pair_table, tid);
+  uint32_t lane_addr;
+  if constexpr (kBits == 2)
+    lane_addr = BuildQuadTable<T>(p.table, pair_table, tid);
+  else
+    lane_addr = BuildPairTable<kBits, T>(p.table, pair_table, tid);
   Stamp(1);
 
   float acc[kMBlocks][4];
@@ -192,7 +203,10 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
               for (int j = 0; j < 4; ++j) part[h][mb][j] = 0.f;
         }
         uint32_t a[4];
-        LookupTile<kBits>(w, t, lane_addr, a);
+        if constexpr (kBits == 2)
+          LookupQuadTile(w, t, lane_addr, a);
+        else
+          LookupTile<kBits>(w, t, lane_addr, a);
         if (t % 2 == 0) {
 #pragma unroll
           for (int mb = 0; mb < kMBlocks; ++mb) ptx::LdMatrixX4(b[mb], x_rows + 2 * (mb * 8 * kXStride + 16 * t));
