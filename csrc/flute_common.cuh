@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda_types.cuh"
 #include "ptx.cuh"
@@ -199,12 +200,13 @@ __device__ __forceinline__ void LookupTile(const uint32_t (&w)[4 * kBits], int t
   }
 }
 
-// The 2-bit decode kernel's table of quads: 2^8 entries, one per code byte, each the
-// two pairs of that byte (four weights: two A registers), 16 copies 8 bytes apart. One
-// 64-bit load replaces two pair lookups (and their address arithmetic): the 2-bit kernel
-// is bound by instruction issue, not by shared-memory bandwidth, whose bytes per weight
-// do not change. A warp's 64-bit load is served a half-warp at a time, so 16 copies
-// keep every lane on its own banks (lane l: banks 2 (l % 16) and 2 (l % 16) + 1).
+// The 2-bit kernels' table of quads: 2^8 entries, one per code byte, each the two pairs
+// of that byte (four weights: two A registers), 16 copies 8 bytes apart. One 64-bit load
+// replaces two pair lookups and their address arithmetic: the 2-bit decode kernel was
+// bound by instruction issue (it then waits mostly on the lookups' latency: ncu, H200,
+// session 18); the bytes per weight read from shared memory do not change. A warp's
+// 64-bit load is served a half-warp at a time, so 16 copies keep every lane on its own
+// banks (lane l: banks 2 (l % 16) and 2 (l % 16) + 1).
 struct QuadTable {
   static constexpr int kCopies = 16;
   static constexpr int kShift = 7;  // log2 of an entry's bytes (all its copies)
@@ -252,6 +254,31 @@ __device__ __forceinline__ void LookupQuadTile(const uint32_t (&w)[8], int t, ui
     a[2 * b] = v.x;
     a[2 * b + 1] = v.y;
   }
+}
+
+// The lookup table of the kernels at `kBits`: quads at 2 bits, else pairs in
+// kPairCopies copies.
+template <int kBits, int kPairCopies = kCopies>
+using LookupTable = std::conditional_t<kBits == 2, QuadTable, PairTable<kBits, kPairCopies>>;
+
+// Builds LookupTable<kBits, kPairCopies> (consumer threads); returns this lane's address
+// of entry 0.
+template <int kBits, typename T, int kPairCopies = kCopies>
+__device__ __forceinline__ uint32_t BuildLookupTable(const void* table_values, uint32_t* table, int tid) {
+  if constexpr (kBits == 2)
+    return BuildQuadTable<T>(table_values, table, tid);
+  else
+    return BuildPairTable<kBits, T, kPairCopies>(table_values, table, tid);
+}
+
+// The A fragment of k-tile t from LookupTable<kBits, kPairCopies>.
+template <int kBits, int kPairCopies = kCopies>
+__device__ __forceinline__ void LookupFragment(const uint32_t (&w)[4 * kBits], int t, uint32_t lane_addr,
+                                               uint32_t (&a)[4]) {
+  if constexpr (kBits == 2)
+    LookupQuadTile(w, t, lane_addr, a);
+  else
+    LookupTile<kBits, kPairCopies>(w, t, lane_addr, a);
 }
 
 // A lane's code words of its warp's unit in a stage (16-byte loads, plane by plane).

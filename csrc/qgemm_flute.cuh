@@ -40,10 +40,6 @@ namespace flute {
 constexpr int kStages = 3;
 constexpr int kXStride = kUnitK + 8;  // x row pitch in shared memory (halves): conflict-free ldmatrix
 
-// The decode kernel's lookup table: pairs, or at 2 bits quads (flute_common.cuh).
-template <int kBits> struct DecodeTable { using type = PairTable<kBits>; };
-template <> struct DecodeTable<2> { using type = QuadTable; };
-
 // Dynamic shared memory: the lookup table, then kStages pipeline stages.
 template <int kBits, int kMBlocks>
 struct Smem {
@@ -52,7 +48,7 @@ struct Smem {
   static constexpr int kXBytes = 8 * kMBlocks * kXStride * 2;
   static constexpr int kScaleBytes = kScaleRows * kColumnN * 2;
   static constexpr int kStageBytes = kCodeBytes + kXBytes + kScaleBytes;
-  static constexpr int kDynamic = DecodeTable<kBits>::type::kReserve + kStages * kStageBytes;
+  static constexpr int kDynamic = LookupTable<kBits>::kReserve + kStages * kStageBytes;
 };
 
 // The producer warp: fills stage s for each of the block's iterations in turn,
@@ -133,7 +129,7 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
   const int it_begin = IterBegin(blockIdx.x, p), it_end = IterBegin(blockIdx.x + 1, p);
   const uint32_t full0 = ptx::SharedAddress(full_bar), empty0 = ptx::SharedAddress(empty_bar);
   const uint32_t smem_addr = ptx::SharedAddress(smem);
-  using Table = typename DecodeTable<kBits>::type;
+  using Table = LookupTable<kBits>;
   const uint32_t table_addr = (smem_addr + Table::kAlign - 1) & ~uint32_t(Table::kAlign - 1);
   uint32_t* pair_table = reinterpret_cast<uint32_t*>(smem + (table_addr - smem_addr));
   unsigned char* stages = reinterpret_cast<unsigned char*>(pair_table) + Table::kBytes;
@@ -153,12 +149,8 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
     return;
   }
 
-  // Consumers: build the pair table while the first stages load.
-  uint32_t lane_addr;
-  if constexpr (kBits == 2)
-    lane_addr = BuildQuadTable<T>(p.table, pair_table, tid);
-  else
-    lane_addr = BuildPairTable<kBits, T>(p.table, pair_table, tid);
+  // Consumers: build the lookup table while the first stages load.
+  const uint32_t lane_addr = BuildLookupTable<kBits, T>(p.table, pair_table, tid);
   Stamp(1);
 
   float acc[kMBlocks][4];
@@ -203,10 +195,7 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
               for (int j = 0; j < 4; ++j) part[h][mb][j] = 0.f;
         }
         uint32_t a[4];
-        if constexpr (kBits == 2)
-          LookupQuadTile(w, t, lane_addr, a);
-        else
-          LookupTile<kBits>(w, t, lane_addr, a);
+        LookupFragment<kBits>(w, t, lane_addr, a);
         if (t % 2 == 0) {
 #pragma unroll
           for (int mb = 0; mb < kMBlocks; ++mb) ptx::LdMatrixX4(b[mb], x_rows + 2 * (mb * 8 * kXStride + 16 * t));

@@ -40,8 +40,6 @@
 // of 64 k x the tile's rows with CU_TENSOR_MAP_SWIZZLE_128B at a 1 KB-aligned address.
 #pragma once
 
-#include <type_traits>
-
 #include "flute_common.cuh"
 #include "wgmma.cuh"
 
@@ -66,13 +64,13 @@ constexpr int kABuffers = 4;
 // kNB: N-blocks per consumer warp (warp w owns N-blocks w, w + 8, ...), so a
 // Stream-K column has kNB * 128 features. With two, the 4-bit pair table keeps 16
 // copies (16 KB; lanes l and l + 16 share one) to make room for the stages; the
-// 3-bit table is small and keeps 32; 2 bits take the decode kernel's quad table (32 KB).
+// 3-bit table is small and keeps 32; 2 bits take the quad table (32 KB).
 template <int kBits, int kMTile, int kNB>
 struct TileSmem {
   static constexpr int kColumn = kNB * kColumnN;
   static constexpr int kCopies = kBits == 4 && kNB == 2 ? 16 : 32;
   // At 2 bits the quad table (flute_common.cuh): one 64-bit load per two A registers.
-  using Table = std::conditional_t<kBits == 2, QuadTable, PairTable<kBits, kCopies>>;
+  using Table = LookupTable<kBits, kCopies>;
   static constexpr int kStages = kMTile == 128 ? 2 : kMTile == 64 ? 3 : 4;
   static constexpr int kQuarterBytes = kMTile / 8 * kAtomBytes;  // the x tile's atoms of one 64-k quarter
   static constexpr int kXBytes = (kUnitK / kAtomK) * kQuarterBytes;
@@ -175,11 +173,7 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   }
   ptx::SetMaxRegisters<kConsumerRegs, true>();
 
-  uint32_t lane_addr;
-  if constexpr (kBits == 2)
-    lane_addr = BuildQuadTable<T>(p.table, pair_table, tid);
-  else
-    lane_addr = BuildPairTable<kBits, T, S::kCopies>(p.table, pair_table, tid);
+  const uint32_t lane_addr = BuildLookupTable<kBits, T, S::kCopies>(p.table, pair_table, tid);
   const int r = lane >> 2;
 
   float acc[kNB][kChunks][4];
@@ -241,10 +235,7 @@ __global__ void __launch_bounds__(kTileThreads, 1)
 #pragma unroll
         for (int h = 0; h < kNB; ++h) {
           uint32_t (&frag)[4] = a[t % kABuffers][h];
-          if constexpr (kBits == 2)
-            LookupQuadTile(w[h], t, lane_addr, frag);
-          else
-            LookupTile<kBits, S::kCopies>(w[h], t, lane_addr, frag);
+          LookupFragment<kBits, S::kCopies>(w[h], t, lane_addr, frag);
           frag[0] = ScalePair<T>(frag[0], s_lo[h]);
           frag[1] = ScalePair<T>(frag[1], s_hi[h]);
           frag[2] = ScalePair<T>(frag[2], s_lo[h]);
