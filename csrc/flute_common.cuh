@@ -81,12 +81,13 @@ template <typename T> struct Vec2;
 template <> struct Vec2<__half> { using type = __half2; };
 template <> struct Vec2<__nv_bfloat16> { using type = __nv_bfloat162; };
 
-// The pair table: 2^(2 bits) entries of two values, 32 copies interleaved so that
-// lane l always reads bank l. The 2- and 3-bit tables sit at an address aligned to
-// their size, so a lookup address is one LOP3 away from the code bits:
-// (index << 7) | (table + 4 * lane) has no carries.
+// The pair table of 3- and 4-bit codes (2 bits take the quad table, QuadTable):
+// 2^(2 bits) entries of two values, 32 copies interleaved so that lane l always reads
+// bank l. The 3-bit table sits at an address aligned to its size, so a lookup address
+// is one LOP3 away from the code bits: (index << 7) | (table + 4 * lane) has no carries.
 template <int kBits, int kTableCopies = kCopies>
 struct PairTable {
+  static_assert(kBits == 3 || kBits == 4, "2-bit codes take the quad table");
   static constexpr int kShift = kTableCopies == 32 ? 7 : 6;  // log2 of an entry's bytes (all its copies)
   static constexpr int kBytes = (1 << (2 * kBits)) * kTableCopies * 4;
   static constexpr int kAlign = kBits == 4 ? 16 : kBytes;  // 4-bit: PRMT + LEA, no alignment
@@ -179,19 +180,17 @@ __device__ __forceinline__ uint32_t ThreeBitIndices(const uint32_t (&w)[12], int
 }
 
 // The A fragment (16 features x 16 k, mma/wgmma register order) of k-tile t of a
-// lane's unit, whose code words (plane by plane) are w: four pair lookups.
+// lane's 3- or 4-bit unit, whose code words (plane by plane) are w: four pair lookups.
 template <int kBits, int kTableCopies = kCopies>
 __device__ __forceinline__ void LookupTile(const uint32_t (&w)[4 * kBits], int t, uint32_t lane_addr,
                                            uint32_t (&a)[4]) {
-  static_assert(kBits == 4 || kTableCopies == 32, "the 2- and 3-bit lookups assume 32 copies");
+  static_assert(kBits == 4 || kTableCopies == 32, "the 3-bit lookups assume 32 copies");
 #pragma unroll
   for (int pr = 0; pr < 4; ++pr) {
     uint32_t addr;
     if constexpr (kBits == 4) {
       // Byte pr of the word is the pair index: PRMT, then one LEA (index * entry bytes + lane copy).
       addr = (__byte_perm(w[t], 0, 0x4440 + pr) << PairTable<4, kTableCopies>::kShift) + lane_addr;
-    } else if constexpr (kBits == 2) {
-      addr = PairBits<4>(w[t >> 1], 16 * (t & 1) + 4 * pr, lane_addr);
     } else {  // the pair index: low 4 bits from the 2-bit plane, high 2 from the 1-bit plane
       const uint32_t merged = ThreeBitIndices(w, t >> 1, pr & 1);
       addr = PairBits<6>(merged, 8 * (2 * (t & 1) + (pr >> 1)), lane_addr);
