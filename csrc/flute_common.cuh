@@ -109,13 +109,12 @@ __device__ __forceinline__ int SlotOf(int b, int c, const Params& p) {
 }
 
 // The pair index held in bits [shift, shift + width) of `word`, moved to bits
-// [7 + at, 7 + width + at) and OR-ed into `addr` (whose bits there are zero):
-// a shift and one LOP3.
-template <int kWidth, int kAt = 0>
+// [7, 7 + width) (its offset in the 3-bit pair table) and OR-ed into `addr` (whose
+// bits there are zero): a shift and one LOP3.
+template <int kWidth>
 __device__ __forceinline__ uint32_t PairBits(uint32_t word, int shift, uint32_t addr) {
-  constexpr uint32_t mask = ((1u << kWidth) - 1) << (7 + kAt);
-  const int to = 7 + kAt;
-  const uint32_t moved = shift >= to ? word >> (shift - to) : word << (to - shift);
+  constexpr uint32_t mask = ((1u << kWidth) - 1) << 7;
+  const uint32_t moved = shift >= 7 ? word >> (shift - 7) : word << (7 - shift);
   return (moved & mask) | addr;
 }
 
