@@ -52,7 +52,7 @@ struct DequantParams {
 // The `2 * width` bits of the (k, k + 1) code pair of pair index p at k-tile t,
 // for lane `lane` of a unit's plane of the given width (layout.py: bit s of the
 // lane's stream, s = 8 w t + 2 w p + w kodd, sits at word 128 (s >> 7) + 4 lane +
-// ((s >> 5) & 3), bit s & 31).
+// ((s >> 5) & 3), bit s & 31). Not the 3-bit code's high plane: HighPlanePair.
 template <int kWidth>
 __device__ __forceinline__ uint32_t PairBits(const uint32_t* plane, int lane, int t, int p) {
   const int s = 8 * kWidth * t + 2 * kWidth * p;
@@ -125,7 +125,9 @@ __global__ void __launch_bounds__(kThreads) DequantKernel(const DequantParams p)
       const int l = 4 * e + q;  // the lane whose fragment holds feature r = e of this half
       uint32_t code2;           // code of row k in bits [0, bits), of row k + 1 in [bits, 2 bits)
       if constexpr (kBits == 3) {
-        const uint32_t lo = PairBits<2>(unit, l, t, pr), hi = PairBits<1>(unit + 256, l, t, pr);
+        int high_word, high_bit;
+        HighPlanePair(t, pr, &high_word, &high_bit);
+        const uint32_t lo = PairBits<2>(unit, l, t, pr), hi = (unit[256 + 4 * l + high_word] >> high_bit) & 3u;
         code2 = (lo & 3) | ((hi & 1) << 2) | ((lo >> 2) << 3) | ((hi >> 1) << 5);
       } else {
         code2 = PairBits<kBits>(unit, l, t, pr);

@@ -159,21 +159,20 @@ __device__ __forceinline__ uint32_t BuildPairTable(const void* table_values, uin
 }
 
 // The 6-bit pair indices of k-tiles 2 j and 2 j + 1 of a 3-bit unit, a byte each
-// (bits 0-3 from the 2-bit plane, 4-5 from the 1-bit plane, 6-7 garbage): for odd = 0
-// the pairs pr = 0 and 2, for odd = 1 the pairs 1 and 3; byte 2 (t & 1) + (pr >> 1)
-// holds pair pr of tile t. The 2-bit plane word j holds pair pr of tile t in nibble
-// 4 (t & 1) + pr; the 1-bit plane word 8 + j / 2 holds it at bits 8 (t & 3) + 2 pr.
-// Merging once per 8 lookups (PRMT, shifts, LOP3s: ~9 instructions) leaves one shift
-// and one LOP3 per lookup, where taking both fields apart cost two of each.
+// (bits 0-3 from the 2-bit plane, 4-5 from the 1-bit plane, 6-7 zero): for odd = 0 the
+// pairs pr = 0 and 2, for odd = 1 the pairs 1 and 3; byte 2 (t & 1) + (pr >> 1) holds
+// pair pr of tile t. The 2-bit plane word j holds pair pr of tile t in nibble
+// v = 4 (t & 1) + pr; layout version 2 (layout.h, HighPlanePair) put its two high bits in
+// byte v / 2 of the 1-bit plane word j / 2, at bit 4 + 2 odd for even j and 2 odd for
+// odd j. So one shift of each word (none for even j and odd = 0) and one LOP3 merge four
+// indices, and a lookup then needs one shift and one LOP3 (version 1 spent ~9
+// instructions per 8 lookups on the merge).
 __device__ __forceinline__ uint32_t ThreeBitIndices(const uint32_t (&w)[12], int j, int odd) {
-  // x byte k = the 1-bit plane's byte of tile 2 j + (k >> 1)
-  const uint32_t x = __byte_perm(w[8 + (j >> 1)], 0, (j & 1) ? 0x3322 : 0x1100);
-  // bits 4-5 of byte k <- the 1-bit field of pair 2 (k & 1) + odd: at bits 2 odd (even
-  // bytes) or 4 + 2 odd (odd bytes) of x's byte
-  const uint32_t high = odd ? ((x << 2) & 0x00FF00FFu) | ((x >> 2) & 0xFF00FF00u)
-                            : ((x << 4) & 0x00FF00FFu) | (x & 0xFF00FF00u);
   const uint32_t low = odd ? w[j] >> 4 : w[j];  // the pairs' nibbles at bits 0-3 of each byte
-  uint32_t merged = (low & 0x0F0F0F0Fu) | (high & 0xF0F0F0F0u);
+  const uint32_t high_plane = w[8 + (j >> 1)];
+  const int at = ((j & 1) ? 0 : 4) + 2 * odd;  // where the high bits of byte m's pair sit in byte m
+  const uint32_t high = at >= 4 ? high_plane >> (at - 4) : high_plane << (4 - at);
+  uint32_t merged = (low & 0x0F0F0F0Fu) | (high & 0x30303030u);
   asm volatile("" : "+r"(merged));  // merged once for 4 lookups: NVVM would take it apart per lookup
   return merged;
 }

@@ -1,6 +1,6 @@
 // Instantiations, planning and launch of the FLUTE kernel (see qgemm_flute.cuh).
 // Templates: bits {2, 3, 4} x dtype {f16, bf16} x m-blocks {1, 2, 4} x flush
-// period {2, 8}; the group size itself is a run-time argument.
+// period {2, 8}, and period 4 for 1 and 2 m-blocks; the group size itself is a run-time argument.
 //
 // Each launch needs its Stream-K counters at zero. The call site's own counters
 // (call_counters.h) are zero already: the kernel leaves them so, and on sm_90 it starts
@@ -26,8 +26,18 @@
 namespace flute_jax {
 namespace {
 
-// Tiles per scale flush: 2 for group sizes 32 and 64, 8 for larger groups.
-int FlushTiles(int64_t group_rows, int64_t groups) { return groups > 1 && group_rows <= 64 ? 2 : 8; }
+// Tiles per scale flush: the group's k-tiles (2 for group size 32, 4 for 64), 8 for larger
+// groups. A flush costs ~13 instructions per warp (scale loads and conversions, the FADDs
+// of the two chains, FFMAs), so at group size 64 a flush every 2 tiles spent ~50 per 256-k
+// unit on flushes that period 4 does not need (SASS, sm_90a, 8-row launch: 2-bit 257 -> 204
+// instructions per unit, 3-bit 440 -> 387, 4-bit 353 -> 304), and the 2- and 3-bit decode
+// kernels are bound by instruction issue. The 32-row launch (m_blocks 4, which Hopper does
+// not take: M > 16 goes to the tile kernel there) keeps period 2 for both, to keep the
+// template count down.
+int FlushTiles(int64_t group_rows, int64_t groups, int m_blocks) {
+  if (groups == 1 || group_rows > 64) return 8;
+  return group_rows == 64 && m_blocks < 4 ? 4 : 2;
+}
 
 // Calls `fn` with the kernel instance for (bits, bf16, m_blocks, flush) and its
 // shared-memory size.
@@ -39,6 +49,9 @@ cudaError_t WithKernel(int bits, bool bf16, int m_blocks, int flush, Fn&& fn) {
     auto by_flush = [&](auto mb_c) -> cudaError_t {
       constexpr int kMB = decltype(mb_c)::value;
       constexpr int smem = flute::Smem<kBits, kMB>::kDynamic;
+      if constexpr (kMB < 4) {
+        if (flush == 4) return fn(flute::FluteQgemmKernel<kBits, T, kMB, 4>, smem);
+      }
       return flush == 2 ? fn(flute::FluteQgemmKernel<kBits, T, kMB, 2>, smem)
                         : fn(flute::FluteQgemmKernel<kBits, T, kMB, 8>, smem);
     };
@@ -67,8 +80,9 @@ cudaError_t Prepare(Kernel kernel, int smem) {
 
 // Blocks of one kernel instance that fit on a multiprocessor, cached per instance.
 int BlocksPerSm(int bits, bool bf16, int m_blocks, int flush) {
-  static std::atomic<int> cache[3][2][3][2];  // 0 = not yet known
-  std::atomic<int>& slot = cache[bits - 2][bf16][m_blocks == 1 ? 0 : m_blocks == 2 ? 1 : 2][flush == 2 ? 0 : 1];
+  static std::atomic<int> cache[3][2][3][3];  // 0 = not yet known
+  std::atomic<int>& slot =
+      cache[bits - 2][bf16][m_blocks == 1 ? 0 : m_blocks == 2 ? 1 : 2][flush == 2 ? 0 : flush == 4 ? 1 : 2];
   int known = slot.load(std::memory_order_relaxed);
   if (known > 0) return known;
   int blocks = 0;
@@ -173,7 +187,8 @@ FlutePlan MakeFlutePlan(int64_t m, int64_t k, int64_t n, int64_t group_rows, int
   if (sm_count <= 0) return FlutePlan{};
   const bool wgmma = want_wgmma && DeviceHasWgmma();
   if (!wgmma) {
-    const int blocks = BlocksPerSm(bits, bf16, FluteMBlocks(m), FlushTiles(group_rows, groups));
+    const int m_blocks = FluteMBlocks(m);
+    const int blocks = BlocksPerSm(bits, bf16, m_blocks, FlushTiles(group_rows, groups, m_blocks));
     return PlanFlute(m, k, n, group_rows, is_half_type, sm_count, blocks);
   }
   // The tile kernels run one block per multiprocessor (shared memory); the
@@ -222,7 +237,7 @@ cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, cons
     return LaunchFluteTile(stream, static_cast<int>(d.bits), bf16, plan.rows_per_launch, plan.column_n, plan.grid,
                            counters, counters_zero, p, x_map);
   }
-  const int flush = FlushTiles(d.group_rows, d.groups);
+  const int flush = FlushTiles(d.group_rows, d.groups, plan.m_blocks);
   constexpr int kElementBytes = 2;
   for (int64_t m0 = 0; m0 < d.m; m0 += plan.rows_per_launch) {
     p.m = static_cast<int>(std::min<int64_t>(plan.rows_per_launch, d.m - m0));

@@ -115,7 +115,8 @@ __device__ __forceinline__ void Produce(const Params& p, int it_begin, int it_en
 }
 
 // kFlushTiles: k-tiles summed in one fp32 accumulator before it is scaled (2 for
-// group sizes 32 and 64, 8 for 128 and up); a group never straddles a flush.
+// group size 32, 4 for 64 (2 in the 32-row instance), 8 for 128 and up); a group never
+// straddles a flush.
 template <int kBits, typename T, int kMBlocks, int kFlushTiles>
 __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKernel(const Params p) {
   using S = Smem<kBits, kMBlocks>;

@@ -47,11 +47,21 @@ all 32 lanes is stored contiguously (512 bytes, one coalesced warp load)::
 
 The unit's ``128 * bits`` words are the planes in the order above (4-bit plane;
 or 2-bit plane then 1-bit plane; or 2-bit plane).
+
+The 1-bit plane of 3-bit codes is the exception (layout version 2, :data:`LAYOUT_VERSION`):
+its bits sit next to the 2-bit plane's so that the kernels merge a pair's 6-bit table index
+cheaply. The 2-bit plane's word ``j = t // 2`` of a lane holds pair ``p`` of tile ``t`` in
+nibble ``v = 4 * (t % 2) + p``; the pair's two high bits (even k low) sit in the lane's
+1-bit plane word ``j // 2`` (word index ``4 * l + j // 2`` of the plane), byte ``v // 2``, at
+bit ``4 + 2 * (v % 2)`` of the byte for even ``j`` and ``2 * (v % 2)`` for odd ``j``.
+(Version 1 stored that plane in stream order like the others; :func:`upgrade_codes`
+converts.)
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from .tables import check_bits
 
@@ -62,6 +72,26 @@ LANES = 32
 
 # (shift, width) of each plane of a code, in storage order.
 PLANES = {4: ((0, 4),), 3: ((0, 2), (2, 1)), 2: ((0, 2),)}
+
+# Version 2: the 3-bit codes' 1-bit plane in the order of high_plane_position (version 1:
+# stream order). Checkpoints record it (flute_jax.nn.checkpoint).
+LAYOUT_VERSION = 2
+
+
+def high_plane_position(s: int) -> int:
+    """Bit position, in a lane's 128 bits of the 3-bit codes' 1-bit plane, of its stream bit ``s``.
+
+    ``s = 8 t + 2 p + kodd`` (tile, pair, k parity) goes to word ``j // 2`` (``j = t // 2``),
+    byte ``v // 2`` (``v = 4 (t % 2) + p``), bit ``(4 if j is even else 0) + 2 (v % 2) + kodd``.
+    """
+    t, p, kodd = s >> 3, (s >> 1) & 3, s & 1
+    j, v = t >> 1, 4 * (t & 1) + p
+    return 32 * (j >> 1) + 8 * (v >> 1) + (0 if j & 1 else 4) + 2 * (v & 1) + kodd
+
+
+# HIGH_PLANE_SOURCE[pos] = the stream bit stored at position pos (a permutation of 0..127).
+HIGH_PLANE_SOURCE = np.argsort([high_plane_position(s) for s in range(128)])
+_HIGH_PLANE_POSITION = np.array([high_plane_position(s) for s in range(128)])
 
 
 def words_per_unit(bits: int) -> int:
@@ -103,6 +133,8 @@ def pack(codes, bits: int) -> jnp.ndarray:
     for shift, width in PLANES[bits]:
         per_word = 32 // width
         v = (stream >> shift) & ((1 << width) - 1)
+        if bits == 3 and width == 1:
+            v = v[..., HIGH_PLANE_SOURCE]  # version 2's order of the high plane
         v = v.reshape(kb, nb, LANES, 4 * width, per_word)
         shifts = (width * jnp.arange(per_word, dtype=jnp.uint32)).astype(jnp.uint32)
         words = jnp.sum(v << shifts, axis=-1, dtype=jnp.uint32)  # [kb, nb, 32, 4w]
@@ -132,9 +164,34 @@ def unpack(packed, bits: int, shape: tuple[int, int]) -> jnp.ndarray:
         words = words.reshape(kb, nb, width, LANES, 4).transpose(0, 1, 3, 2, 4)
         words = words.reshape(kb, nb, LANES, 4 * width, 1)
         shifts = (width * jnp.arange(per_word, dtype=jnp.uint32)).astype(jnp.uint32)
-        v = (words >> shifts) & ((1 << width) - 1)
-        stream = stream | (v.reshape(kb, nb, LANES, TILES * 8) << shift)
+        v = ((words >> shifts) & ((1 << width) - 1)).reshape(kb, nb, LANES, TILES * 8)
+        if bits == 3 and width == 1:
+            v = v[..., _HIGH_PLANE_POSITION]  # back to stream order
+        stream = stream | (v << shift)
     c = stream.reshape(kb, nb, 8, 4, TILES, 2, 2, 2)  # kb, nb, r, q, t, khalf, nhalf, kodd
     c = c.transpose(0, 4, 5, 3, 7, 1, 6, 2)  # kb, t, khalf, q, kodd, nb, nhalf, r
     c = c.reshape(kb * BLOCK_K, nb * BLOCK_N)
     return c[:k, :n].astype(jnp.uint8)
+
+
+def upgrade_codes(packed, bits: int, version: int) -> jnp.ndarray:
+    """Packed codes of layout ``version`` -> the current layout (:data:`LAYOUT_VERSION`).
+
+    Version 1 differs only in the 3-bit codes' 1-bit plane, so only those change. Works on
+    any leading axes (stacked layers) and keeps each array's sharding: the bits move within
+    a unit's last-axis words only. Returns ``packed`` itself where nothing changes.
+    """
+    check_bits(bits)
+    if version == LAYOUT_VERSION or bits != 3:
+        return packed
+    if version != 1:
+        raise ValueError(f"unknown code layout version {version} (this flute_jax writes {LAYOUT_VERSION})")
+    packed = jnp.asarray(packed)
+    low, high = packed[..., :256], packed[..., 256:]
+    lead = high.shape[:-1]
+    shifts = jnp.arange(32, dtype=jnp.uint32)
+    # version 1: bit s = 32 i + b of lane l's stream at word 4 l + i, bit b
+    stream = ((high.reshape(*lead, LANES, 4, 1) >> shifts) & 1).reshape(*lead, LANES, 128)
+    moved = stream[..., HIGH_PLANE_SOURCE].reshape(*lead, LANES, 4, 32)
+    words = jnp.sum(moved << shifts, axis=-1, dtype=jnp.uint32).reshape(*lead, 128)
+    return jnp.concatenate([low, words], axis=-1)

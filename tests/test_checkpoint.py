@@ -109,3 +109,30 @@ def test_not_a_flute_checkpoint(tmp_path):
         c.save(tmp_path / "other", args=ocp.args.Composite(flute=ocp.args.JsonSave({"format": "x"})))
     with pytest.raises(ValueError, match="not a flute_jax checkpoint"):
         fnn.restore(tmp_path / "other")
+
+
+def test_version_1_checkpoint_restores_converted(rng, tmp_path, monkeypatch):
+    # A checkpoint written under layout version 1 (before the 3-bit high plane moved) comes
+    # back in the current layout: same codes, same qgemm; 2- and 4-bit codes are untouched.
+    from flute_jax import layout
+    from flute_jax.nn import checkpoint
+    from test_format import pack_version_1
+
+    params = _params(rng)
+    up = params["layer"]["up"]["kernel"]
+    codes = np.asarray(fj.unpack(up.codes, 3, up.shape))
+    old = dict(params, layer=dict(params["layer"], up=dict(params["layer"]["up"], kernel=fj.QuantizedWeight(
+        codes=jnp.asarray(pack_version_1(codes, 3)), scales=up.scales, table=up.table, bits=3,
+        group_size=up.group_size, shape=up.shape))))
+    assert not np.array_equal(np.asarray(old["layer"]["up"]["kernel"].codes), np.asarray(up.codes))
+    monkeypatch.setattr(checkpoint, "FORMAT", "flute_jax.quantized_params/1")
+    fnn.save(tmp_path / "v1", old)
+    monkeypatch.undo()
+    assert fnn.checkpoint_metadata(tmp_path / "v1")["format"] == "flute_jax.quantized_params/1"
+    _assert_same(fnn.restore(tmp_path / "v1"), params)
+    assert checkpoint.FORMAT == f"flute_jax.quantized_params/{layout.LAYOUT_VERSION}"
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as c:
+        c.save(tmp_path / "future", args=ocp.args.Composite(
+            flute=ocp.args.JsonSave({"format": "flute_jax.quantized_params/99", "quantized": {}})))
+    with pytest.raises(ValueError, match="not a flute_jax checkpoint this version reads"):
+        fnn.restore(tmp_path / "future")

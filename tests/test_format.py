@@ -51,7 +51,12 @@ def naive_pack_word_bits(codes, bits):
             for _, w in layout.PLANES[bits]:
                 s = 8 * w * t + 2 * w * pair + w * kodd
                 idx = offset + 128 * (s // 128) + 4 * lane + (s % 128) // 32
-                out[kk // 256, nn // 16, idx] |= ((c >> shift) & ((1 << w) - 1)) << (s % 32)
+                bit = s % 32
+                if bits == 3 and w == 1:  # version 2: the high bits beside their low pair's nibble
+                    j, v = t // 2, 4 * (t % 2) + pair
+                    idx = offset + 4 * lane + j // 2
+                    bit = 8 * (v // 2) + (0 if j % 2 else 4) + 2 * (v % 2) + kodd
+                out[kk // 256, nn // 16, idx] |= ((c >> shift) & ((1 << w) - 1)) << bit
                 shift += w
                 offset += 128 * w
     return out.astype(np.uint32)
@@ -145,3 +150,72 @@ def test_quantized_weight_is_a_pytree(rng):
     back = jax.tree_util.tree_unflatten(treedef, leaves)
     assert back.bits == 2 and back.group_size == 32 and back.shape == (64, 32)
     assert qw.table.shape == (4,) and qw.scales.shape == (2, 32)
+
+
+def pack_version_1(codes, bits):
+    """The version-1 layout (every plane in stream order), from the formula it documented."""
+    k, n = codes.shape
+    kb, nb, words = layout.packed_shape(k, n, bits)
+    out = np.zeros((kb, nb, words), np.uint64)
+    for kk in range(k):
+        for nn in range(n):
+            c = int(codes[kk, nn])
+            t, kin = (kk % 256) // 16, kk % 16
+            q, khalf, kodd = (kin % 8) // 2, kin // 8, kin % 2
+            lane, pair = 4 * (nn % 8) + q, (nn % 16) // 8 + 2 * khalf
+            offset, shift = 0, 0
+            for _, w in layout.PLANES[bits]:
+                s = 8 * w * t + 2 * w * pair + w * kodd
+                idx = offset + 128 * (s // 128) + 4 * lane + (s % 128) // 32
+                out[kk // 256, nn // 16, idx] |= ((c >> shift) & ((1 << w) - 1)) << (s % 32)
+                shift += w
+                offset += 128 * w
+    return out.astype(np.uint32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_upgrade_codes_from_version_1(rng, bits):
+    # Only 3-bit codes changed between layout versions 1 and 2; stacked (leading) axes too.
+    codes = [rng.integers(0, 2**bits, (300, 20)).astype(np.uint8) for _ in range(2)]
+    old = np.stack([pack_version_1(c, bits) for c in codes])
+    new = np.asarray(layout.upgrade_codes(old, bits, 1))
+    assert np.array_equal(new, np.stack([np.asarray(fj.pack(c, bits)) for c in codes]))
+    assert (bits == 3) == (not np.array_equal(new, old))
+    assert layout.upgrade_codes(new, bits, layout.LAYOUT_VERSION) is new
+    with pytest.raises(ValueError, match="unknown code layout version"):
+        layout.upgrade_codes(old, 3, 7)
+
+
+def test_high_plane_positions_are_a_permutation():
+    positions = [layout.high_plane_position(s) for s in range(128)]
+    assert sorted(positions) == list(range(128))
+    assert np.array_equal(np.asarray(positions)[layout.HIGH_PLANE_SOURCE], np.arange(128))
+
+
+def test_three_bit_pair_indices_merge_by_byte(rng):
+    # What the fast kernels rely on (flute_common.cuh, ThreeBitIndices): in a lane's words,
+    # the 2-bit plane word j (t = 2 j + v // 4, pair v % 4) and the 1-bit plane word j // 2,
+    # shifted by one constant each, give four pairs' 6-bit table indices in the bytes of
+    # (low & 0x0F0F0F0F) | (high & 0x30303030): even code's low bits at 0-1, odd's at 2-3,
+    # even's high bit at 4, odd's at 5.
+    k, n = 512, 32
+    codes = rng.integers(0, 8, (k, n)).astype(np.uint8)
+    packed = np.asarray(fj.pack(codes, 3)).astype(np.uint64)
+    for kb, nb, lane in [(0, 0, 0), (1, 1, 31), (0, 1, 13), (1, 0, 6)]:
+        w = [int(packed[kb, nb, 128 * (i // 4) + 4 * lane + i % 4]) for i in range(8)]
+        w += [int(packed[kb, nb, 256 + 4 * lane + i]) for i in range(4)]
+        r, q = lane // 4, lane % 4
+        for j in range(8):
+            for odd in range(2):
+                low = w[j] >> 4 if odd else w[j]
+                at = (0 if j % 2 else 4) + 2 * odd
+                high = (w[8 + j // 2] >> (at - 4)) if at >= 4 else (w[8 + j // 2] << (4 - at))
+                merged = ((low & 0x0F0F0F0F) | (high & 0x30303030)) & 0xFFFFFFFF
+                for m in range(4):
+                    v = 2 * m + odd
+                    t, pair = 2 * j + v // 4, v % 4
+                    kk = 256 * kb + 16 * t + 2 * q + 8 * (pair // 2)
+                    nn = 16 * nb + r + 8 * (pair % 2)
+                    even_code, odd_code = int(codes[kk, nn]), int(codes[kk + 1, nn])
+                    want = (even_code & 3) | (odd_code & 3) << 2 | (even_code >> 2) << 4 | (odd_code >> 2) << 5
+                    assert (merged >> (8 * m)) & 0xFF == want

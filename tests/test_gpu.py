@@ -48,6 +48,23 @@ def test_every_shape_and_m(rng, gpu, k, n, lead):
     check_qgemm(rng, gpu, k, n, lead, 4, 128, "bfloat16", table_kind="nf", repeats=3)
 
 
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m", [1, 12])
+def test_group64_flush_period(rng, gpu, bits, m):
+    # At group size 64 the decode kernel scales its accumulators every 4 k-tiles (one group),
+    # not every 2: K with a partial last unit (one group in it), M of the 8- and 16-row launches.
+    check_qgemm(rng, gpu, 4160, 1040, (m,), bits, 64, "bfloat16", repeats=2)
+    check_qgemm(rng, gpu, 2112, 72, (m,), bits, 64, "float16", repeats=2)
+
+
+def test_group64_in_the_32_row_launch(rng, gpu, monkeypatch):
+    # The 32-row decode launch keeps the 2-tile flush period at group size 64 (no instance of its own).
+    monkeypatch.setenv("FLUTE_JAX_GPU_PATH", "mma")
+    jax.clear_caches()
+    check_qgemm(rng, gpu, 2112, 300, (24,), 3, 64, "bfloat16", repeats=2)
+    check_qgemm(rng, gpu, 4160, 136, (29,), 4, 64, "float16", repeats=2)
+
+
 def test_gpu_equals_cpu_function(rng, gpu):
     # Same inputs on both platforms: both within tolerance of the reference and of each other.
     qw = random_weight(rng, 777, 99, 3, 64, jnp.float32)

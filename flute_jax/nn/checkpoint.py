@@ -6,8 +6,8 @@ tree comes back as plain nested dicts. So a checkpoint here has two orbax items:
 
     <directory>/params   the arrays (orbax PyTree/OCDBT format); a QuantizedWeight is saved
                          as the dict {"codes", "scales", "table"}
-    <directory>/flute    JSON: format version and, per QuantizedWeight path, its
-                         bits, group_size and shape
+    <directory>/flute    JSON: format version (the packed codes' layout version) and, per
+                         QuantizedWeight path, its bits, group_size and shape
 
 and :func:`restore` rebuilds the QuantizedWeights from both, with no target needed. Given
 ``shardings`` (one ``jax.sharding.Sharding`` per leaf, in the restored tree's structure, or
@@ -30,10 +30,22 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from flax.core import meta
 
+from .. import layout
 from ..quantize import QuantizedWeight
 
-FORMAT = "flute_jax.quantized_params/1"
+# The version is the packed codes' layout version (flute_jax.layout.LAYOUT_VERSION).
+# Version 1 checkpoints restore too: their 3-bit codes are converted on the way in.
+_FORMAT_PREFIX = "flute_jax.quantized_params/"
+FORMAT = f"{_FORMAT_PREFIX}{layout.LAYOUT_VERSION}"
 _FIELDS = ("codes", "scales", "table")
+
+
+def _format_version(fmt: Any) -> Optional[int]:
+    """The layout version of a checkpoint format string, or None for something else."""
+    if isinstance(fmt, str) and fmt.startswith(_FORMAT_PREFIX) and fmt[len(_FORMAT_PREFIX):].isdigit():
+        version = int(fmt[len(_FORMAT_PREFIX):])
+        return version if 1 <= version <= layout.LAYOUT_VERSION else None
+    return None
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -79,14 +91,15 @@ def _to_pure(tree: Any, record: Optional[dict] = None, path: tuple = ()) -> Any:
     return tree
 
 
-def _from_pure(tree: Any, record: Mapping[str, Mapping], path: tuple = ()) -> Any:
+def _from_pure(tree: Any, record: Mapping[str, Mapping], version: int, path: tuple = ()) -> Any:
     key = "/".join(path)
     if key in record:
         info = record[key]
         if not isinstance(tree, Mapping) or set(tree) != set(_FIELDS):
             raise ValueError(f"checkpoint entry {key!r} should hold {_FIELDS}, found {type(tree).__name__}")
         return QuantizedWeight(
-            codes=tree["codes"],
+            # (moves bits within each unit's words only: the codes keep their sharding)
+            codes=layout.upgrade_codes(tree["codes"], int(info["bits"]), version),
             scales=tree["scales"],
             table=tree["table"],
             bits=int(info["bits"]),
@@ -94,7 +107,7 @@ def _from_pure(tree: Any, record: Mapping[str, Mapping], path: tuple = ()) -> An
             shape=tuple(int(d) for d in info["shape"]),
         )
     if isinstance(tree, Mapping):
-        return {k: _from_pure(v, record, path + (k,)) for k, v in tree.items()}
+        return {k: _from_pure(v, record, version, path + (k,)) for k, v in tree.items()}
     return tree
 
 
@@ -125,8 +138,11 @@ def metadata(directory: str) -> dict:
     directory = os.path.abspath(directory)
     with _checkpointer() as checkpointer:
         info = checkpointer.restore(directory, args=ocp.args.Composite(flute=ocp.args.JsonRestore()))["flute"]
-    if info.get("format") != FORMAT:
-        raise ValueError(f"{directory} is not a flute_jax checkpoint (format {info.get('format')!r})")
+    if _format_version(info.get("format")) is None:
+        raise ValueError(
+            f"{directory} is not a flute_jax checkpoint this version reads (format {info.get('format')!r}; "
+            f"reads {_FORMAT_PREFIX}1 to {FORMAT})"
+        )
     return info
 
 
@@ -151,7 +167,8 @@ def restore(directory: str, *, shardings: Any = None) -> dict:
       Nested dicts with string keys and QuantizedWeight leaves where they were saved.
     """
     directory = os.path.abspath(directory)
-    record = metadata(directory)["quantized"]
+    info = metadata(directory)
+    record, version = info["quantized"], _format_version(info["format"])
     shapes = _array_metadata(directory)
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -175,4 +192,4 @@ def restore(directory: str, *, shardings: Any = None) -> dict:
         restored = checkpointer.restore(
             directory, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
         )["params"]
-    return _from_pure(restored, record)
+    return _from_pure(restored, record, version)
