@@ -35,8 +35,11 @@ def test_fp4_is_e2m1():
     assert list(tables.fp(4)[:8]) == [0, 0.5, 1, 1.5, 2, 3, 4, 6]
 
 
-def naive_pack_word_bits(codes, bits):
-    """Direct per-code placement from the layout docstring's formulas (independent of pack)."""
+def naive_pack_word_bits(codes, bits, version=layout.LAYOUT_VERSION):
+    """Direct per-code placement from the layout docstring's formulas (independent of pack).
+
+    ``version`` 1: every plane in stream order (the layout before the 3-bit high plane moved).
+    """
     k, n = codes.shape
     kb, nb, words = layout.packed_shape(k, n, bits)
     out = np.zeros((kb, nb, words), np.uint64)
@@ -52,7 +55,7 @@ def naive_pack_word_bits(codes, bits):
                 s = 8 * w * t + 2 * w * pair + w * kodd
                 idx = offset + 128 * (s // 128) + 4 * lane + (s % 128) // 32
                 bit = s % 32
-                if bits == 3 and w == 1:  # version 2: the high bits beside their low pair's nibble
+                if bits == 3 and w == 1 and version >= 2:  # the high bits beside their low pair's nibble
                     j, v = t // 2, 4 * (t % 2) + pair
                     idx = offset + 4 * lane + j // 2
                     bit = 8 * (v // 2) + (0 if j % 2 else 4) + 2 * (v % 2) + kodd
@@ -154,23 +157,7 @@ def test_quantized_weight_is_a_pytree(rng):
 
 def pack_version_1(codes, bits):
     """The version-1 layout (every plane in stream order), from the formula it documented."""
-    k, n = codes.shape
-    kb, nb, words = layout.packed_shape(k, n, bits)
-    out = np.zeros((kb, nb, words), np.uint64)
-    for kk in range(k):
-        for nn in range(n):
-            c = int(codes[kk, nn])
-            t, kin = (kk % 256) // 16, kk % 16
-            q, khalf, kodd = (kin % 8) // 2, kin // 8, kin % 2
-            lane, pair = 4 * (nn % 8) + q, (nn % 16) // 8 + 2 * khalf
-            offset, shift = 0, 0
-            for _, w in layout.PLANES[bits]:
-                s = 8 * w * t + 2 * w * pair + w * kodd
-                idx = offset + 128 * (s // 128) + 4 * lane + (s % 128) // 32
-                out[kk // 256, nn // 16, idx] |= ((c >> shift) & ((1 << w) - 1)) << (s % 32)
-                shift += w
-                offset += 128 * w
-    return out.astype(np.uint32)
+    return naive_pack_word_bits(codes, bits, version=1)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
