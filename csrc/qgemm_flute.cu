@@ -30,8 +30,9 @@ namespace {
 // groups. A flush costs ~13 instructions per warp (scale loads and conversions, the FADDs
 // of the two chains, FFMAs), so at group size 64 a flush every 2 tiles spent ~50 per 256-k
 // unit on flushes that period 4 does not need (SASS, sm_90a, 8-row launch: 2-bit 257 -> 204
-// instructions per unit, 3-bit 440 -> 387, 4-bit 353 -> 304), and the 2- and 3-bit decode
-// kernels are bound by instruction issue. The 32-row launch (m_blocks 4, which Hopper does
+// instructions per unit, 3-bit 440 -> 387, 4-bit 353 -> 304). The decode kernel's time
+// follows its instructions per unit, if at about a quarter of their ratio: period 4 made
+// group size 64 1.03-1.11x faster (H200, session 19). The 32-row launch (m_blocks 4, which Hopper does
 // not take: M > 16 goes to the tile kernel there) keeps period 2 for both, to keep the
 // template count down.
 int FlushTiles(int64_t group_rows, int64_t groups, int m_blocks) {
