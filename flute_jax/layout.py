@@ -89,9 +89,10 @@ def high_plane_position(s: int) -> int:
     return 32 * (j >> 1) + 8 * (v >> 1) + (0 if j & 1 else 4) + 2 * (v & 1) + kodd
 
 
-# HIGH_PLANE_SOURCE[pos] = the stream bit stored at position pos (a permutation of 0..127).
-HIGH_PLANE_SOURCE = np.argsort([high_plane_position(s) for s in range(128)])
+# _HIGH_PLANE_POSITION[s] = where stream bit s is stored; HIGH_PLANE_SOURCE, its inverse
+# permutation: the stream bit stored at each position.
 _HIGH_PLANE_POSITION = np.array([high_plane_position(s) for s in range(128)])
+HIGH_PLANE_SOURCE = np.argsort(_HIGH_PLANE_POSITION)
 
 
 def words_per_unit(bits: int) -> int:
