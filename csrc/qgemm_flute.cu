@@ -1,6 +1,7 @@
 // Instantiations, planning and launch of the FLUTE kernel (see qgemm_flute.cuh).
 // Templates: bits {2, 3, 4} x dtype {f16, bf16} x m-blocks {1, 2, 4} x flush
-// period {2, 8}, and period 4 for 1 and 2 m-blocks; the group size itself is a run-time argument.
+// period {2, 8}, and period 4 for 1 and 2 m-blocks; and for 1 m-block, every period with two
+// N-blocks per warp (DecodeNBlocks). The group size itself is a run-time argument.
 //
 // Each launch needs its Stream-K counters at zero. The call site's own counters
 // (call_counters.h) are zero already: the kernel leaves them so, and on sm_90 it starts
@@ -39,16 +40,25 @@ int FlushTiles(int64_t group_rows, int64_t groups, int m_blocks) {
   return group_rows == 64 && m_blocks < 4 ? 4 : 2;
 }
 
-// Calls `fn` with the kernel instance for (bits, bf16, m_blocks, flush) and its
-// shared-memory size.
+// Calls `fn` with the kernel instance for (bits, bf16, m_blocks, flush, N-blocks per warp)
+// and its shared-memory size. Two N-blocks per warp exist for the 8-row launch only
+// (DecodeNBlocks); elsewhere `nb` is 1.
 template <typename Fn>
-cudaError_t WithKernel(int bits, bool bf16, int m_blocks, int flush, Fn&& fn) {
+cudaError_t WithKernel(int bits, bool bf16, int m_blocks, int flush, int nb, Fn&& fn) {
   auto pick = [&](auto bits_c, auto type_c) -> cudaError_t {
     constexpr int kBits = decltype(bits_c)::value;
     using T = typename decltype(type_c)::type;
     auto by_flush = [&](auto mb_c) -> cudaError_t {
       constexpr int kMB = decltype(mb_c)::value;
       constexpr int smem = flute::Smem<kBits, kMB>::kDynamic;
+      if constexpr (kMB == 1) {
+        if (nb == 2) {
+          constexpr int smem2 = flute::Smem<kBits, kMB, 2>::kDynamic;
+          return flush == 2   ? fn(flute::FluteQgemmKernel<kBits, T, kMB, 2, 2>, smem2)
+                 : flush == 4 ? fn(flute::FluteQgemmKernel<kBits, T, kMB, 4, 2>, smem2)
+                              : fn(flute::FluteQgemmKernel<kBits, T, kMB, 8, 2>, smem2);
+        }
+      }
       if constexpr (kMB < 4) {
         if (flush == 4) return fn(flute::FluteQgemmKernel<kBits, T, kMB, 4>, smem);
       }
@@ -79,14 +89,14 @@ cudaError_t Prepare(Kernel kernel, int smem) {
 }
 
 // Blocks of one kernel instance that fit on a multiprocessor, cached per instance.
-int BlocksPerSm(int bits, bool bf16, int m_blocks, int flush) {
-  static std::atomic<int> cache[3][2][3][3];  // 0 = not yet known
+int BlocksPerSm(int bits, bool bf16, int m_blocks, int flush, int nb) {
+  static std::atomic<int> cache[3][2][3][3][2];  // 0 = not yet known
   std::atomic<int>& slot =
-      cache[bits - 2][bf16][m_blocks == 1 ? 0 : m_blocks == 2 ? 1 : 2][flush == 2 ? 0 : flush == 4 ? 1 : 2];
+      cache[bits - 2][bf16][m_blocks == 1 ? 0 : m_blocks == 2 ? 1 : 2][flush == 2 ? 0 : flush == 4 ? 1 : 2][nb - 1];
   int known = slot.load(std::memory_order_relaxed);
   if (known > 0) return known;
   int blocks = 0;
-  const cudaError_t status = WithKernel(bits, bf16, m_blocks, flush, [&](auto kernel, int smem) {
+  const cudaError_t status = WithKernel(bits, bf16, m_blocks, flush, nb, [&](auto kernel, int smem) {
     cudaError_t s = Prepare(kernel, smem);
     if (s != cudaSuccess) return s;
     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, flute::kThreads, smem);
@@ -179,6 +189,16 @@ TileForce ForcedTile() {
 }
 }  // namespace
 
+// N-blocks per consumer warp of the decode kernel: FLUTE_JAX_DECODE_NB=2 in the environment
+// gives the 8-row launch two (256-feature columns), a measuring knob for now. Read at every
+// plan, like FLUTE_JAX_TILE, so the lowering's workspace size and the call agree.
+namespace {
+int DecodeNBlocks(int m_blocks) {
+  const char* value = std::getenv("FLUTE_JAX_DECODE_NB");
+  return m_blocks == 1 && value != nullptr && value[0] == '2' && value[1] == 0 ? 2 : 1;
+}
+}  // namespace
+
 FlutePlan MakeFlutePlan(int64_t m, int64_t k, int64_t n, int64_t group_rows, int bits, bool is_half_type,
                         bool bf16, bool want_wgmma) {
   if (!FluteApplies(m, k, n, group_rows, is_half_type)) return FlutePlan{};
@@ -188,8 +208,9 @@ FlutePlan MakeFlutePlan(int64_t m, int64_t k, int64_t n, int64_t group_rows, int
   const bool wgmma = want_wgmma && DeviceHasWgmma();
   if (!wgmma) {
     const int m_blocks = FluteMBlocks(m);
-    const int blocks = BlocksPerSm(bits, bf16, m_blocks, FlushTiles(group_rows, groups, m_blocks));
-    return PlanFlute(m, k, n, group_rows, is_half_type, sm_count, blocks);
+    const int nb = DecodeNBlocks(m_blocks);
+    const int blocks = BlocksPerSm(bits, bf16, m_blocks, FlushTiles(group_rows, groups, m_blocks), nb);
+    return PlanFlute(m, k, n, group_rows, is_half_type, sm_count, blocks, false, 0, kFluteColumnN * nb);
   }
   // The tile kernels run one block per multiprocessor (shared memory); the
   // column width depends on the grid, the grid on the instance's occupancy.
@@ -243,7 +264,8 @@ cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, cons
     p.m = static_cast<int>(std::min<int64_t>(plan.rows_per_launch, d.m - m0));
     p.x = static_cast<const char*>(x) + m0 * d.k * kElementBytes;
     p.y = static_cast<char*>(y) + m0 * d.n * kElementBytes;
-    const cudaError_t status = WithKernel(static_cast<int>(d.bits), bf16, plan.m_blocks, flush, [&](auto kernel, int smem) {
+    const int nb = plan.column_n / kFluteColumnN;
+    const cudaError_t status = WithKernel(static_cast<int>(d.bits), bf16, plan.m_blocks, flush, nb, [&](auto kernel, int smem) {
       const cudaError_t s = Prepare(kernel, smem);
       if (s != cudaSuccess) return s;
       return LaunchWithCounters(kernel, plan.grid, flute::kThreads, smem, stream, counters, counters_zero, p);

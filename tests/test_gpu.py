@@ -65,6 +65,23 @@ def test_group64_in_the_32_row_launch(rng, gpu, monkeypatch):
     check_qgemm(rng, gpu, 4160, 136, (29,), 4, 64, "float16", repeats=2)
 
 
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m", [1, 5, 8])
+def test_two_nblocks_per_warp(rng, gpu, monkeypatch, bits, m):
+    # FLUTE_JAX_DECODE_NB=2: each warp of the 8-row decode launch takes two N-blocks (256-feature
+    # Stream-K columns). Last columns of 1, 3 and 5 N-blocks (the second N-block of a warp past N),
+    # K with a partial last unit, every group size, both 16-bit dtypes.
+    monkeypatch.setenv("FLUTE_JAX_DECODE_NB", "2")
+    jax.clear_caches()
+    cases = [((4160, 1040), 64, "bfloat16"), ((2112, 72), 32, "float16"), ((1000, 300), 128, "bfloat16"),
+             ((4096, 4104), -1, "float16"), ((513, 264), 256, "bfloat16")]
+    for (k, n), group_size, dtype in cases:
+        plan = _ffi.cuda_plan(m, k, n, k if group_size == -1 else group_size, bits, dtype)
+        assert plan["kernel"] == "flute" and plan["column_n"] == 256, plan
+        check_qgemm(rng, gpu, k, n, (m,), bits, group_size, dtype, repeats=2)
+    jax.clear_caches()
+
+
 def test_gpu_equals_cpu_function(rng, gpu):
     # Same inputs on both platforms: both within tolerance of the reference and of each other.
     qw = random_weight(rng, 777, 99, 3, 64, jnp.float32)
