@@ -189,13 +189,30 @@ TileForce ForcedTile() {
 }
 }  // namespace
 
-// N-blocks per consumer warp of the decode kernel: FLUTE_JAX_DECODE_NB=2 in the environment
-// gives the 8-row launch two (256-feature columns), a measuring knob for now. Read at every
-// plan, like FLUTE_JAX_TILE, so the lowering's workspace size and the call agree.
 namespace {
-int DecodeNBlocks(int m_blocks) {
-  const char* value = std::getenv("FLUTE_JAX_DECODE_NB");
-  return m_blocks == 1 && value != nullptr && value[0] == '2' && value[1] == 0 ? 2 : 1;
+// Stream-K iterations per block (256-feature columns x 256-k units, over the grid of the
+// two-N-block instance) from which the 8-row launch gives each warp two N-blocks, for
+// bits 2, 3, 4. A warp then runs two units' lookups and mma chains on one x fragment,
+// which pays where every block runs many iterations; where columns are few, 256-wide
+// columns halve the iterations and double the fix-up, and small shapes lose. H200, session
+// 19, one build with FLUTE_JAX_DECODE_NB=2 against 1, g128, M = 1 (M = 8 alike):
+//   70B gate/up (8192 x 57344): 2-bit 64.0 -> 55.8 us, 3-bit 78.6 -> 72.1, 4-bit 74.2 -> 71.6;
+//   70B down (28672 x 8192): 1.07x / 1.03x / 1.00x; 8B gate/up (4096 x 28672): 1.05x / 0.98x / 0.97x;
+//   70B qkv (8192 x 10240): 0.94x / 0.84x / 0.98x; 8B o (4096 x 4096): 0.64x / 0.67x / 0.83x.
+// At 3 and 4 bits the instance fits one block per multiprocessor (shared memory), at 2 bits two.
+constexpr int kTwoNBlocksMinIterations[3] = {6, 20, 40};
+
+// N-blocks per consumer warp of the decode kernel (1, or 2 for the 8-row launch by the rule
+// above). FLUTE_JAX_DECODE_NB=1 or 2 in the environment forces it, for measuring the rule.
+// Read at every plan, like FLUTE_JAX_TILE, so the lowering's workspace size and the call agree.
+int DecodeNBlocks(int bits, bool bf16, int m_blocks, int flush, int64_t k, int64_t n, int sm_count) {
+  if (m_blocks != 1) return 1;
+  const char* forced = std::getenv("FLUTE_JAX_DECODE_NB");
+  if (forced != nullptr && (forced[0] == '1' || forced[0] == '2') && forced[1] == 0) return forced[0] - '0';
+  const int blocks = BlocksPerSm(bits, bf16, 1, flush, 2);
+  if (blocks <= 0) return 1;
+  const int64_t iterations = ((n + 2 * kFluteColumnN - 1) / (2 * kFluteColumnN)) * ((k + kFluteUnitK - 1) / kFluteUnitK);
+  return iterations >= int64_t{kTwoNBlocksMinIterations[bits - 2]} * sm_count * blocks ? 2 : 1;
 }
 }  // namespace
 
@@ -208,8 +225,9 @@ FlutePlan MakeFlutePlan(int64_t m, int64_t k, int64_t n, int64_t group_rows, int
   const bool wgmma = want_wgmma && DeviceHasWgmma();
   if (!wgmma) {
     const int m_blocks = FluteMBlocks(m);
-    const int nb = DecodeNBlocks(m_blocks);
-    const int blocks = BlocksPerSm(bits, bf16, m_blocks, FlushTiles(group_rows, groups, m_blocks), nb);
+    const int flush = FlushTiles(group_rows, groups, m_blocks);
+    const int nb = DecodeNBlocks(bits, bf16, m_blocks, flush, k, n, sm_count);
+    const int blocks = BlocksPerSm(bits, bf16, m_blocks, flush, nb);
     return PlanFlute(m, k, n, group_rows, is_half_type, sm_count, blocks, false, 0, kFluteColumnN * nb);
   }
   // The tile kernels run one block per multiprocessor (shared memory); the

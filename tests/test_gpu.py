@@ -76,10 +76,24 @@ def test_two_nblocks_per_warp(rng, gpu, monkeypatch, bits, m):
     cases = [((4160, 1040), 64, "bfloat16"), ((2112, 72), 32, "float16"), ((1000, 300), 128, "bfloat16"),
              ((4096, 4104), -1, "float16"), ((513, 264), 256, "bfloat16")]
     for (k, n), group_size, dtype in cases:
+        check_qgemm(rng, gpu, k, n, (m,), bits, group_size, dtype, repeats=2)
         plan = _ffi.cuda_plan(m, k, n, k if group_size == -1 else group_size, bits, dtype)
         assert plan["kernel"] == "flute" and plan["column_n"] == 256, plan
-        check_qgemm(rng, gpu, k, n, (m,), bits, group_size, dtype, repeats=2)
     jax.clear_caches()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_two_nblocks_rule(gpu, monkeypatch, bits):
+    # Without FLUTE_JAX_DECODE_NB, the 8-row launch takes two N-blocks per warp for the 70B
+    # gate/up projection (many Stream-K iterations per block), and one for the 8B o
+    # projection (few); 16 rows always take one.
+    monkeypatch.delenv("FLUTE_JAX_DECODE_NB", raising=False)
+    assert _ffi.cuda_plan(1, 8192, 57344, 128, bits, "bfloat16")["column_n"] == 256
+    assert _ffi.cuda_plan(8, 8192, 57344, 128, bits, "float16")["column_n"] == 256
+    assert _ffi.cuda_plan(1, 4096, 4096, 128, bits, "bfloat16")["column_n"] == 128
+    assert _ffi.cuda_plan(16, 8192, 57344, 128, bits, "bfloat16")["column_n"] == 128
+    monkeypatch.setenv("FLUTE_JAX_DECODE_NB", "1")
+    assert _ffi.cuda_plan(1, 8192, 57344, 128, bits, "bfloat16")["column_n"] == 128
 
 
 def test_gpu_equals_cpu_function(rng, gpu):
