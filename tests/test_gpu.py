@@ -90,6 +90,8 @@ def test_two_nblocks_rule(gpu, monkeypatch, bits):
     monkeypatch.delenv("FLUTE_JAX_DECODE_NB", raising=False)
     assert _ffi.cuda_plan(1, 8192, 57344, 128, bits, "bfloat16")["column_n"] == 256
     assert _ffi.cuda_plan(8, 8192, 57344, 128, bits, "float16")["column_n"] == 256
+    assert _ffi.cuda_plan(1, 8192, 57344, 64, bits, "bfloat16")["column_n"] == 256  # flush period 4
+    assert _ffi.cuda_plan(1, 8192, 57344, 32, bits, "float16")["column_n"] == 256  # flush period 2
     assert _ffi.cuda_plan(1, 4096, 4096, 128, bits, "bfloat16")["column_n"] == 128
     assert _ffi.cuda_plan(16, 8192, 57344, 128, bits, "bfloat16")["column_n"] == 128
     monkeypatch.setenv("FLUTE_JAX_DECODE_NB", "1")
