@@ -1,8 +1,7 @@
 // Instantiations, planning and launch of the FLUTE kernel (see qgemm_flute.cuh).
 // Templates: bits {2, 3, 4} x dtype {f16, bf16} x m-blocks {1, 2, 4} x flush
 // period {2, 8}, and period 4 for 1 and 2 m-blocks; and for 1 m-block, every period with two
-// N-blocks per warp (DecodeNBlocks), at 3 and 4 bits also with 2 stages (DecodeStages). The
-// group size itself is a run-time argument.
+// N-blocks per warp (DecodeNBlocks). The group size itself is a run-time argument.
 //
 // Each launch needs its Stream-K counters at zero. The call site's own counters
 // (call_counters.h) are zero already: the kernel leaves them so, and on sm_90 it starts
@@ -41,12 +40,11 @@ int FlushTiles(int64_t group_rows, int64_t groups, int m_blocks) {
   return group_rows == 64 && m_blocks < 4 ? 4 : 2;
 }
 
-// Calls `fn` with the kernel instance for (bits, bf16, m_blocks, flush, N-blocks per warp,
-// stages) and its shared-memory size. Two N-blocks per warp exist for the 8-row launch only
-// (DecodeNBlocks), and with 2 stages at 3 and 4 bits only (DecodeStages); elsewhere `nb` is 1
-// and `stages` 3.
+// Calls `fn` with the kernel instance for (bits, bf16, m_blocks, flush, N-blocks per warp)
+// and its shared-memory size. Two N-blocks per warp exist for the 8-row launch only
+// (DecodeNBlocks); elsewhere `nb` is 1.
 template <typename Fn>
-cudaError_t WithKernel(int bits, bool bf16, int m_blocks, int flush, int nb, int stages, Fn&& fn) {
+cudaError_t WithKernel(int bits, bool bf16, int m_blocks, int flush, int nb, Fn&& fn) {
   auto pick = [&](auto bits_c, auto type_c) -> cudaError_t {
     constexpr int kBits = decltype(bits_c)::value;
     using T = typename decltype(type_c)::type;
@@ -54,14 +52,6 @@ cudaError_t WithKernel(int bits, bool bf16, int m_blocks, int flush, int nb, int
       constexpr int kMB = decltype(mb_c)::value;
       constexpr int smem = flute::Smem<kBits, kMB>::kDynamic;
       if constexpr (kMB == 1) {
-        if constexpr (kBits > 2) {
-          if (nb == 2 && stages == 2) {
-            constexpr int smem22 = flute::Smem<kBits, kMB, 2, 2>::kDynamic;
-            return flush == 2   ? fn(flute::FluteQgemmKernel<kBits, T, kMB, 2, 2, 2>, smem22)
-                   : flush == 4 ? fn(flute::FluteQgemmKernel<kBits, T, kMB, 4, 2, 2>, smem22)
-                                : fn(flute::FluteQgemmKernel<kBits, T, kMB, 8, 2, 2>, smem22);
-          }
-        }
         if (nb == 2) {
           constexpr int smem2 = flute::Smem<kBits, kMB, 2>::kDynamic;
           return flush == 2   ? fn(flute::FluteQgemmKernel<kBits, T, kMB, 2, 2>, smem2)
@@ -99,14 +89,14 @@ cudaError_t Prepare(Kernel kernel, int smem) {
 }
 
 // Blocks of one kernel instance that fit on a multiprocessor, cached per instance.
-int BlocksPerSm(int bits, bool bf16, int m_blocks, int flush, int nb, int stages) {
-  static std::atomic<int> cache[3][2][3][3][2][2];  // 0 = not yet known
-  std::atomic<int>& slot = cache[bits - 2][bf16][m_blocks == 1 ? 0 : m_blocks == 2 ? 1 : 2]
-                                [flush == 2 ? 0 : flush == 4 ? 1 : 2][nb - 1][stages == 2 ? 0 : 1];
+int BlocksPerSm(int bits, bool bf16, int m_blocks, int flush, int nb) {
+  static std::atomic<int> cache[3][2][3][3][2];  // 0 = not yet known
+  std::atomic<int>& slot =
+      cache[bits - 2][bf16][m_blocks == 1 ? 0 : m_blocks == 2 ? 1 : 2][flush == 2 ? 0 : flush == 4 ? 1 : 2][nb - 1];
   int known = slot.load(std::memory_order_relaxed);
   if (known > 0) return known;
   int blocks = 0;
-  const cudaError_t status = WithKernel(bits, bf16, m_blocks, flush, nb, stages, [&](auto kernel, int smem) {
+  const cudaError_t status = WithKernel(bits, bf16, m_blocks, flush, nb, [&](auto kernel, int smem) {
     cudaError_t s = Prepare(kernel, smem);
     if (s != cudaSuccess) return s;
     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, flute::kThreads, smem);
@@ -215,20 +205,11 @@ constexpr int kTwoNBlocksMinIterations[3] = {6, 20, 40};
 // N-blocks per consumer warp of the decode kernel (1, or 2 for the 8-row launch by the rule
 // above). FLUTE_JAX_DECODE_NB=1 or 2 in the environment forces it, for measuring the rule.
 // Read at every plan, like FLUTE_JAX_TILE, so the lowering's workspace size and the call agree.
-// Pipeline stages of the decode kernel with `nb` N-blocks per warp: 3, or 2 for the 3- and
-// 4-bit two-N-block instances under FLUTE_JAX_DECODE_NB2_STAGES=2 (a measuring knob: with 3
-// stages they fit one block per multiprocessor, with 2 two, each stage twice the bytes of a
-// one-N-block stage).
-int DecodeStages(int bits, int nb) {
-  const char* value = std::getenv("FLUTE_JAX_DECODE_NB2_STAGES");
-  return nb == 2 && bits > 2 && value != nullptr && value[0] == '2' && value[1] == 0 ? 2 : flute::kDefaultStages;
-}
-
 int DecodeNBlocks(int bits, bool bf16, int m_blocks, int flush, int64_t k, int64_t n, int sm_count) {
   if (m_blocks != 1) return 1;
   const char* forced = std::getenv("FLUTE_JAX_DECODE_NB");
   if (forced != nullptr && (forced[0] == '1' || forced[0] == '2') && forced[1] == 0) return forced[0] - '0';
-  const int blocks = BlocksPerSm(bits, bf16, 1, flush, 2, DecodeStages(bits, 2));
+  const int blocks = BlocksPerSm(bits, bf16, 1, flush, 2);
   if (blocks <= 0) return 1;
   const int64_t iterations = ((n + 2 * kFluteColumnN - 1) / (2 * kFluteColumnN)) * ((k + kFluteUnitK - 1) / kFluteUnitK);
   return iterations >= int64_t{kTwoNBlocksMinIterations[bits - 2]} * sm_count * blocks ? 2 : 1;
@@ -246,7 +227,7 @@ FlutePlan MakeFlutePlan(int64_t m, int64_t k, int64_t n, int64_t group_rows, int
     const int m_blocks = FluteMBlocks(m);
     const int flush = FlushTiles(group_rows, groups, m_blocks);
     const int nb = DecodeNBlocks(bits, bf16, m_blocks, flush, k, n, sm_count);
-    const int blocks = BlocksPerSm(bits, bf16, m_blocks, flush, nb, DecodeStages(bits, nb));
+    const int blocks = BlocksPerSm(bits, bf16, m_blocks, flush, nb);
     return PlanFlute(m, k, n, group_rows, is_half_type, sm_count, blocks, false, 0, kFluteColumnN * nb);
   }
   // The tile kernels run one block per multiprocessor (shared memory); the
@@ -302,8 +283,7 @@ cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, cons
     p.x = static_cast<const char*>(x) + m0 * d.k * kElementBytes;
     p.y = static_cast<char*>(y) + m0 * d.n * kElementBytes;
     const int nb = plan.column_n / kFluteColumnN;
-    const int stages = DecodeStages(static_cast<int>(d.bits), nb);
-    const cudaError_t status = WithKernel(static_cast<int>(d.bits), bf16, plan.m_blocks, flush, nb, stages, [&](auto kernel, int smem) {
+    const cudaError_t status = WithKernel(static_cast<int>(d.bits), bf16, plan.m_blocks, flush, nb, [&](auto kernel, int smem) {
       const cudaError_t s = Prepare(kernel, smem);
       if (s != cudaSuccess) return s;
       return LaunchWithCounters(kernel, plan.grid, flute::kThreads, smem, stream, counters, counters_zero, p);

@@ -37,15 +37,14 @@
 namespace flute_jax {
 namespace flute {
 
-constexpr int kDefaultStages = 3;
+constexpr int kStages = 3;
 constexpr int kXStride = kUnitK + 8;  // x row pitch in shared memory (halves): conflict-free ldmatrix
 
 // Dynamic shared memory: the lookup table, then kStages pipeline stages. A stage holds
 // the codes of a column's kWarps * kNB units (kNB N-blocks per consumer warp), its x rows
 // and its scale rows.
-template <int kBits, int kMBlocks, int kNB = 1, int kStageCount = kDefaultStages>
+template <int kBits, int kMBlocks, int kNB = 1>
 struct Smem {
-  static constexpr int kStages = kStageCount;
   static constexpr int kUnitWords = 128 * kBits;
   static constexpr int kColumn = kColumnN * kNB;  // output features per Stream-K column
   static constexpr int kCodeBytes = kWarps * kNB * kUnitWords * 4;
@@ -58,11 +57,10 @@ struct Smem {
 // The producer warp: fills stage s for each of the block's iterations in turn,
 // after the consumers have released it, and arrives on its "full" barrier when
 // the lane's copies have landed (32 arrivals complete the phase).
-template <int kBits, typename T, int kMBlocks, int kNB, int kStageCount>
+template <int kBits, typename T, int kMBlocks, int kNB>
 __device__ __forceinline__ void Produce(const Params& p, int it_begin, int it_end, int lane, uint32_t stage0,
                                         uint32_t full0, uint32_t empty0) {
-  using S = Smem<kBits, kMBlocks, kNB, kStageCount>;
-  constexpr int kStages = S::kStages;
+  using S = Smem<kBits, kMBlocks, kNB>;
   constexpr int kUnits = kWarps * kNB;  // units (N-blocks) per column
   const T* x = static_cast<const T*>(p.x);
   int c = it_begin / p.k_units, u = it_begin % p.k_units;
@@ -124,12 +122,10 @@ __device__ __forceinline__ void Produce(const Params& p, int it_begin, int it_en
 // group size 32, 4 for 64 (2 in the 32-row instance), 8 for 128 and up); a group never
 // straddles a flush. kNB: N-blocks per consumer warp (columns of 128 kNB features). Two
 // give each warp two independent mma chains on one x fragment, and two units of lookups
-// to interleave. kStageCount: pipeline stages (2 lets the 3- and 4-bit two-N-block instances
-// fit two blocks per multiprocessor; FLUTE_JAX_DECODE_NB2_STAGES).
-template <int kBits, typename T, int kMBlocks, int kFlushTiles, int kNB = 1, int kStageCount = kDefaultStages>
+// to interleave.
+template <int kBits, typename T, int kMBlocks, int kFlushTiles, int kNB = 1>
 __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKernel(const Params p) {
-  using S = Smem<kBits, kMBlocks, kNB, kStageCount>;
-  constexpr int kStages = S::kStages;
+  using S = Smem<kBits, kMBlocks, kNB>;
   constexpr int kUnitWords = S::kUnitWords;
 
   extern __shared__ __align__(16) unsigned char smem[];
@@ -156,7 +152,7 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
   // Only the block's setup above overlaps the previous kernel's end (wait_prior).
   if (p.wait_prior) ptx::GridDependencyWait();
   if (warp == kWarps) {
-    Produce<kBits, T, kMBlocks, kNB, kStageCount>(p, it_begin, it_end, lane, ptx::SharedAddress(stages), full0, empty0);
+    Produce<kBits, T, kMBlocks, kNB>(p, it_begin, it_end, lane, ptx::SharedAddress(stages), full0, empty0);
     return;
   }
 

@@ -82,25 +82,6 @@ def test_two_nblocks_per_warp(rng, gpu, monkeypatch, bits, m):
     jax.clear_caches()
 
 
-@pytest.mark.parametrize("bits", [3, 4])
-def test_two_nblocks_two_stages(rng, gpu, monkeypatch, bits):
-    # FLUTE_JAX_DECODE_NB2_STAGES=2: the 3- and 4-bit two-N-block instances with a 2-stage ring,
-    # which fits two blocks per multiprocessor (three stages fit one).
-    monkeypatch.setenv("FLUTE_JAX_DECODE_NB", "2")
-    monkeypatch.setenv("FLUTE_JAX_DECODE_NB2_STAGES", "2")
-    jax.clear_caches()
-    for (k, n), group_size, dtype, m in [((4160, 1040), 64, "bfloat16", 1), ((2112, 300), 32, "float16", 7),
-                                         ((8192, 4104), 128, "bfloat16", 3)]:
-        check_qgemm(rng, gpu, k, n, (m,), bits, group_size, dtype, repeats=2)
-        plan = _ffi.cuda_plan(m, k, n, group_size, bits, dtype)
-        assert plan["kernel"] == "flute" and plan["column_n"] == 256, plan
-    monkeypatch.setenv("FLUTE_JAX_DECODE_NB2_STAGES", "3")
-    three = _ffi.cuda_plan(1, 8192, 57344, 128, bits, "bfloat16")["grid"]
-    monkeypatch.setenv("FLUTE_JAX_DECODE_NB2_STAGES", "2")
-    assert _ffi.cuda_plan(1, 8192, 57344, 128, bits, "bfloat16")["grid"] == 2 * three  # two blocks per SM, not one
-    jax.clear_caches()
-
-
 @pytest.mark.parametrize("bits", BITS)
 def test_two_nblocks_rule(gpu, monkeypatch, bits):
     # Without FLUTE_JAX_DECODE_NB, the 8-row launch takes two N-blocks per warp for the 70B
