@@ -70,11 +70,12 @@ def test_group64_in_the_32_row_launch(rng, gpu, monkeypatch):
 def test_two_nblocks_per_warp(rng, gpu, monkeypatch, bits, m):
     # FLUTE_JAX_DECODE_NB=2: each warp of the 8-row decode launch takes two N-blocks (256-feature
     # Stream-K columns). Last columns of 1, 3 and 5 N-blocks (the second N-block of a warp past N),
-    # K with a partial last unit, every group size, both 16-bit dtypes.
+    # K with a partial last unit, every group size, both 16-bit dtypes; all shapes the FLUTE
+    # kernel takes (K and N multiples of 8).
     monkeypatch.setenv("FLUTE_JAX_DECODE_NB", "2")
     jax.clear_caches()
-    cases = [((4160, 1040), 64, "bfloat16"), ((2112, 72), 32, "float16"), ((1000, 300), 128, "bfloat16"),
-             ((4096, 4104), -1, "float16"), ((513, 264), 256, "bfloat16")]
+    cases = [((4160, 1040), 64, "bfloat16"), ((2112, 72), 32, "float16"), ((1000, 296), 128, "bfloat16"),
+             ((4096, 4104), -1, "float16"), ((520, 264), 256, "bfloat16")]
     for (k, n), group_size, dtype in cases:
         check_qgemm(rng, gpu, k, n, (m,), bits, group_size, dtype, repeats=2)
         plan = _ffi.cuda_plan(m, k, n, k if group_size == -1 else group_size, bits, dtype)
