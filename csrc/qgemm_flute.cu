@@ -1,6 +1,7 @@
 // Instantiations, planning and launch of the FLUTE kernel (see qgemm_flute.cuh).
 // Templates: bits {2, 3, 4} x dtype {f16, bf16} x m-blocks {1, 2, 4} x flush
-// period {2, 8}, and period 4 for 1 and 2 m-blocks; the group size itself is a run-time argument.
+// period {2, 8}, and period 4 for 1 and 2 m-blocks; and for 1 m-block, every period with two
+// N-blocks per warp (DecodeNBlocks). The group size itself is a run-time argument.
 //
 // Each launch needs its Stream-K counters at zero. The call site's own counters
 // (call_counters.h) are zero already: the kernel leaves them so, and on sm_90 it starts
@@ -40,16 +41,25 @@ int FlushTiles(int64_t group_rows, int64_t groups, int m_blocks) {
   return group_rows == 64 && m_blocks < 4 ? 4 : 2;
 }
 
-// Calls `fn` with the kernel instance for (bits, bf16, m_blocks, flush) and its
-// shared-memory size.
+// Calls `fn` with the kernel instance for (bits, bf16, m_blocks, flush, N-blocks per warp)
+// and its shared-memory size. Two N-blocks per warp exist for the 8-row launch only
+// (DecodeNBlocks); elsewhere `nb` is 1.
 template <typename Fn>
-cudaError_t WithKernel(int bits, bool bf16, int m_blocks, int flush, Fn&& fn) {
+cudaError_t WithKernel(int bits, bool bf16, int m_blocks, int flush, int nb, Fn&& fn) {
   auto pick = [&](auto bits_c, auto type_c) -> cudaError_t {
     constexpr int kBits = decltype(bits_c)::value;
     using T = typename decltype(type_c)::type;
     auto by_flush = [&](auto mb_c) -> cudaError_t {
       constexpr int kMB = decltype(mb_c)::value;
       constexpr int smem = flute::Smem<kBits, kMB>::kDynamic;
+      if constexpr (kMB == 1) {
+        if (nb == 2) {
+          constexpr int smem2 = flute::Smem<kBits, kMB, 2>::kDynamic;
+          return flush == 2   ? fn(flute::FluteQgemmKernel<kBits, T, kMB, 2, 2>, smem2)
+                 : flush == 4 ? fn(flute::FluteQgemmKernel<kBits, T, kMB, 4, 2>, smem2)
+                              : fn(flute::FluteQgemmKernel<kBits, T, kMB, 8, 2>, smem2);
+        }
+      }
       if constexpr (kMB < 4) {
         if (flush == 4) return fn(flute::FluteQgemmKernel<kBits, T, kMB, 4>, smem);
       }
@@ -80,14 +90,14 @@ cudaError_t Prepare(Kernel kernel, int smem) {
 }
 
 // Blocks of one kernel instance that fit on a multiprocessor, cached per instance.
-int BlocksPerSm(int bits, bool bf16, int m_blocks, int flush) {
-  static std::atomic<int> cache[3][2][3][3];  // 0 = not yet known
+int BlocksPerSm(int bits, bool bf16, int m_blocks, int flush, int nb) {
+  static std::atomic<int> cache[3][2][3][3][2];  // 0 = not yet known
   std::atomic<int>& slot =
-      cache[bits - 2][bf16][m_blocks == 1 ? 0 : m_blocks == 2 ? 1 : 2][flush == 2 ? 0 : flush == 4 ? 1 : 2];
+      cache[bits - 2][bf16][m_blocks == 1 ? 0 : m_blocks == 2 ? 1 : 2][flush == 2 ? 0 : flush == 4 ? 1 : 2][nb - 1];
   int known = slot.load(std::memory_order_relaxed);
   if (known > 0) return known;
   int blocks = 0;
-  const cudaError_t status = WithKernel(bits, bf16, m_blocks, flush, [&](auto kernel, int smem) {
+  const cudaError_t status = WithKernel(bits, bf16, m_blocks, flush, nb, [&](auto kernel, int smem) {
     cudaError_t s = Prepare(kernel, smem);
     if (s != cudaSuccess) return s;
     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, flute::kThreads, smem);
@@ -180,6 +190,36 @@ TileForce ForcedTile() {
 }
 }  // namespace
 
+namespace {
+// Stream-K iterations per block (256-feature columns x 256-k units, over the grid of the
+// two-N-block instance) from which the 8-row launch gives each warp two N-blocks, for
+// bits 2, 3, 4. A warp then runs two units' lookups and mma chains on one x fragment,
+// which pays where every block runs many iterations; where columns are few, 256-wide
+// columns halve the iterations and double the fix-up, and small shapes lose. H200, session
+// 19, one build with FLUTE_JAX_DECODE_NB=2 against 1, g128, M = 1 (M = 8 alike):
+//   70B gate/up (8192 x 57344): 2-bit 64.0 -> 55.8 us, 3-bit 78.6 -> 72.1, 4-bit 74.2 -> 71.6;
+//   70B down (28672 x 8192): 1.07x / 1.03x / 1.00x; 8B gate/up (4096 x 28672): 1.05x / 0.98x / 0.97x;
+//   70B qkv (8192 x 10240): 0.94x / 0.84x / 0.98x; 8B o (4096 x 4096): 0.64x / 0.67x / 0.83x.
+// At 3 and 4 bits the instance fits one block per multiprocessor (shared memory), at 2 bits two.
+// A 2-stage ring that fits two blocks at 3 and 4 bits lost (session 20, forced, geomean of
+// the 8 Llama-3 shapes, g128, M = 1, against the one-N-block kernel: 3-bit 0.87x vs 0.88x with 3
+// stages, 4-bit 0.78x vs 0.94x), so it was dropped.
+constexpr int kTwoNBlocksMinIterations[3] = {6, 20, 40};
+
+// N-blocks per consumer warp of the decode kernel (1, or 2 for the 8-row launch by the rule
+// above). FLUTE_JAX_DECODE_NB=1 or 2 in the environment forces it, for measuring the rule.
+// Read at every plan, like FLUTE_JAX_TILE, so the lowering's workspace size and the call agree.
+int DecodeNBlocks(int bits, bool bf16, int m_blocks, int flush, int64_t k, int64_t n, int sm_count) {
+  if (m_blocks != 1) return 1;
+  const char* forced = std::getenv("FLUTE_JAX_DECODE_NB");
+  if (forced != nullptr && (forced[0] == '1' || forced[0] == '2') && forced[1] == 0) return forced[0] - '0';
+  const int blocks = BlocksPerSm(bits, bf16, 1, flush, 2);
+  if (blocks <= 0) return 1;
+  const int64_t iterations = ((n + 2 * kFluteColumnN - 1) / (2 * kFluteColumnN)) * ((k + kFluteUnitK - 1) / kFluteUnitK);
+  return iterations >= int64_t{kTwoNBlocksMinIterations[bits - 2]} * sm_count * blocks ? 2 : 1;
+}
+}  // namespace
+
 FlutePlan MakeFlutePlan(int64_t m, int64_t k, int64_t n, int64_t group_rows, int bits, bool is_half_type,
                         bool bf16, bool want_wgmma) {
   if (!FluteApplies(m, k, n, group_rows, is_half_type)) return FlutePlan{};
@@ -189,8 +229,10 @@ FlutePlan MakeFlutePlan(int64_t m, int64_t k, int64_t n, int64_t group_rows, int
   const bool wgmma = want_wgmma && DeviceHasWgmma();
   if (!wgmma) {
     const int m_blocks = FluteMBlocks(m);
-    const int blocks = BlocksPerSm(bits, bf16, m_blocks, FlushTiles(group_rows, groups, m_blocks));
-    return PlanFlute(m, k, n, group_rows, is_half_type, sm_count, blocks);
+    const int flush = FlushTiles(group_rows, groups, m_blocks);
+    const int nb = DecodeNBlocks(bits, bf16, m_blocks, flush, k, n, sm_count);
+    const int blocks = BlocksPerSm(bits, bf16, m_blocks, flush, nb);
+    return PlanFlute(m, k, n, group_rows, is_half_type, sm_count, blocks, false, 0, kFluteColumnN * nb);
   }
   // The tile kernels run one block per multiprocessor (shared memory); the
   // column width depends on the grid, the grid on the instance's occupancy.
@@ -244,7 +286,8 @@ cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, cons
     p.m = static_cast<int>(std::min<int64_t>(plan.rows_per_launch, d.m - m0));
     p.x = static_cast<const char*>(x) + m0 * d.k * kElementBytes;
     p.y = static_cast<char*>(y) + m0 * d.n * kElementBytes;
-    const cudaError_t status = WithKernel(static_cast<int>(d.bits), bf16, plan.m_blocks, flush, [&](auto kernel, int smem) {
+    const int nb = plan.column_n / kFluteColumnN;
+    const cudaError_t status = WithKernel(static_cast<int>(d.bits), bf16, plan.m_blocks, flush, nb, [&](auto kernel, int smem) {
       const cudaError_t s = Prepare(kernel, smem);
       if (s != cudaSuccess) return s;
       return LaunchWithCounters(kernel, plan.grid, flute::kThreads, smem, stream, counters, counters_zero, p);

@@ -40,13 +40,16 @@ namespace flute {
 constexpr int kStages = 3;
 constexpr int kXStride = kUnitK + 8;  // x row pitch in shared memory (halves): conflict-free ldmatrix
 
-// Dynamic shared memory: the lookup table, then kStages pipeline stages.
-template <int kBits, int kMBlocks>
+// Dynamic shared memory: the lookup table, then kStages pipeline stages. A stage holds
+// the codes of a column's kWarps * kNB units (kNB N-blocks per consumer warp), its x rows
+// and its scale rows.
+template <int kBits, int kMBlocks, int kNB = 1>
 struct Smem {
   static constexpr int kUnitWords = 128 * kBits;
-  static constexpr int kCodeBytes = kWarps * kUnitWords * 4;
+  static constexpr int kColumn = kColumnN * kNB;  // output features per Stream-K column
+  static constexpr int kCodeBytes = kWarps * kNB * kUnitWords * 4;
   static constexpr int kXBytes = 8 * kMBlocks * kXStride * 2;
-  static constexpr int kScaleBytes = kScaleRows * kColumnN * 2;
+  static constexpr int kScaleBytes = kScaleRows * kColumn * 2;
   static constexpr int kStageBytes = kCodeBytes + kXBytes + kScaleBytes;
   static constexpr int kDynamic = LookupTable<kBits>::kReserve + kStages * kStageBytes;
 };
@@ -54,10 +57,11 @@ struct Smem {
 // The producer warp: fills stage s for each of the block's iterations in turn,
 // after the consumers have released it, and arrives on its "full" barrier when
 // the lane's copies have landed (32 arrivals complete the phase).
-template <int kBits, typename T, int kMBlocks>
+template <int kBits, typename T, int kMBlocks, int kNB>
 __device__ __forceinline__ void Produce(const Params& p, int it_begin, int it_end, int lane, uint32_t stage0,
                                         uint32_t full0, uint32_t empty0) {
-  using S = Smem<kBits, kMBlocks>;
+  using S = Smem<kBits, kMBlocks, kNB>;
+  constexpr int kUnits = kWarps * kNB;  // units (N-blocks) per column
   const T* x = static_cast<const T*>(p.x);
   int c = it_begin / p.k_units, u = it_begin % p.k_units;
   int s = 0;
@@ -80,13 +84,13 @@ __device__ __forceinline__ void Produce(const Params& p, int it_begin, int it_en
     // x by bulk copy gained 3% more at M = 16 (up to 8% on the 70B MLP) but lost
     // 1-3% at M = 8 (H200 A/B, 2026-11-30), so launches of 8 rows keep cp.async.
     constexpr bool kXBulk = kMBlocks >= 2;
-    const uint32_t code_bytes = min(kWarps, p.n_blocks - c * kWarps) * S::kUnitWords * 4;
+    const uint32_t code_bytes = min(kUnits, p.n_blocks - c * kUnits) * S::kUnitWords * 4;
     const int k_valid = min(kUnitK, p.k - u * kUnitK);  // a multiple of 8: 16-byte rows
     // The expected bytes are set before any copy is issued.
     if (lane == 0) ptx::MbarExpectTx(full0 + 8 * s, code_bytes + (kXBulk ? p.m * 2 * k_valid : 0));
     __syncwarp();
     if (lane == 31)
-      ptx::BulkCopyToShared(base, p.codes + (static_cast<int64_t>(u) * p.n_blocks + c * kWarps) * S::kUnitWords,
+      ptx::BulkCopyToShared(base, p.codes + (static_cast<int64_t>(u) * p.n_blocks + c * kUnits) * S::kUnitWords,
                             code_bytes, full0 + 8 * s);
     if constexpr (kXBulk) {
       if (lane < p.m)
@@ -97,7 +101,7 @@ __device__ __forceinline__ void Produce(const Params& p, int it_begin, int it_en
     }
 #else
     constexpr bool kXBulk = false;
-    CopyCodes<kBits>(p, c, u, lane, base);
+    CopyCodes<kBits, 32, S::kColumn>(p, c, u, lane, base);
 #endif
     if constexpr (!kXBulk) {
       const int kk = u * kUnitK + 8 * lane;
@@ -106,7 +110,7 @@ __device__ __forceinline__ void Produce(const Params& p, int it_begin, int it_en
         ptx::CpAsync16(x_dst + row * kXStride * 2 + 16 * lane, k_ok ? x + static_cast<int64_t>(row) * p.k + kk : x,
                        k_ok);
     }
-    CopyScales<T>(p, c, u, lane, base + S::kCodeBytes + S::kXBytes);
+    CopyScales<T, 32, S::kColumn>(p, c, u, lane, base + S::kCodeBytes + S::kXBytes);
     ptx::MbarArriveOnCopies(full0 + 8 * s);
     if (++u == p.k_units) { u = 0; ++c; }
     if (++s == kStages) { s = 0; parity ^= 1; }
@@ -116,10 +120,12 @@ __device__ __forceinline__ void Produce(const Params& p, int it_begin, int it_en
 
 // kFlushTiles: k-tiles summed in one fp32 accumulator before it is scaled (2 for
 // group size 32, 4 for 64 (2 in the 32-row instance), 8 for 128 and up); a group never
-// straddles a flush.
-template <int kBits, typename T, int kMBlocks, int kFlushTiles>
+// straddles a flush. kNB: N-blocks per consumer warp (columns of 128 kNB features). Two
+// give each warp two independent mma chains on one x fragment, and two units of lookups
+// to interleave.
+template <int kBits, typename T, int kMBlocks, int kFlushTiles, int kNB = 1>
 __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKernel(const Params p) {
-  using S = Smem<kBits, kMBlocks>;
+  using S = Smem<kBits, kMBlocks, kNB>;
   constexpr int kUnitWords = S::kUnitWords;
 
   extern __shared__ __align__(16) unsigned char smem[];
@@ -146,7 +152,7 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
   // Only the block's setup above overlaps the previous kernel's end (wait_prior).
   if (p.wait_prior) ptx::GridDependencyWait();
   if (warp == kWarps) {
-    Produce<kBits, T, kMBlocks>(p, it_begin, it_end, lane, ptx::SharedAddress(stages), full0, empty0);
+    Produce<kBits, T, kMBlocks, kNB>(p, it_begin, it_end, lane, ptx::SharedAddress(stages), full0, empty0);
     return;
   }
 
@@ -154,11 +160,13 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
   const uint32_t lane_addr = BuildLookupTable<kBits, T>(p.table, pair_table, tid);
   Stamp(1);
 
-  float acc[kMBlocks][4];
+  float acc[kNB][kMBlocks][4];
 #pragma unroll
-  for (int mb = 0; mb < kMBlocks; ++mb)
+  for (int h = 0; h < kNB; ++h)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[mb][j] = 0.f;
+    for (int mb = 0; mb < kMBlocks; ++mb)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[h][mb][j] = 0.f;
 
   const int r = lane >> 2, q = lane & 3;
   // ldmatrix row addresses: lanes 8j..8j+7 give the rows of matrix j =
@@ -171,51 +179,63 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
     ptx::MbarWait(full0 + 8 * s, parity);
     if (it == it_begin) Stamp(2);  // the first stage has landed
     const unsigned char* base = stages + s * S::kStageBytes;
-    const bool warp_active = c * kWarps + warp < p.n_blocks;
+    // The warp's N-blocks h * kWarps + warp of the column; the last column may lack some.
+    // With kNB = 2 only the first decides: a second one past N computes on stale codes
+    // (in-range table entries) and zero scales, and FinishColumn never stores it.
+    const bool warp_active = c * kWarps * kNB + warp < p.n_blocks;
     if (warp_active) {
-      uint32_t w[4 * kBits];
-      LoadCodes<kBits>(reinterpret_cast<const uint32_t*>(base) + warp * kUnitWords, lane, w);
+      uint32_t w[kNB][4 * kBits];
+#pragma unroll
+      for (int h = 0; h < kNB; ++h)
+        LoadCodes<kBits>(reinterpret_cast<const uint32_t*>(base) + (h * kWarps + warp) * kUnitWords, lane, w[h]);
       const uint32_t x_rows = ptx::SharedAddress(base + S::kCodeBytes) + x_lane;
       const T* ss = reinterpret_cast<const T*>(base + S::kCodeBytes + S::kXBytes) + warp * 16 + r;
-      // Independent mma chains: at 8 rows two accumulators, for even and odd
-      // tiles; from 16 rows one per 8-row block, whose blocks are already
-      // independent chains. A second chain per block costs 4 registers per block,
-      // and at 96 registers mb2 spilled in the main loop (ptxas; without it: no
-      // spills at g128, M = 16 2% faster on the H200).
-      constexpr int kChains = kMBlocks == 1 ? 2 : 1;
-      float part[kChains][kMBlocks][4];
+      // Independent mma chains: at 8 rows and one N-block two accumulators, for even and
+      // odd tiles; otherwise one per (N-block, 8-row block), already independent chains. A
+      // second chain per block costs 4 registers per block, and at 96 registers mb2 spilled
+      // in the main loop (ptxas; without it: no spills at g128, M = 16 2% faster on the H200).
+      constexpr int kChains = kMBlocks == 1 && kNB == 1 ? 2 : 1;
+      float part[kChains][kNB][kMBlocks][4];
       uint32_t b[kMBlocks][4];  // x fragments of tiles t and t + 1 (one ldmatrix.x4 each)
 #pragma unroll
       for (int t = 0; t < kTiles; ++t) {
         if (t % kFlushTiles == 0) {
 #pragma unroll
-          for (int h = 0; h < kChains; ++h)
+          for (int ch = 0; ch < kChains; ++ch)
 #pragma unroll
-            for (int mb = 0; mb < kMBlocks; ++mb)
+            for (int h = 0; h < kNB; ++h)
 #pragma unroll
-              for (int j = 0; j < 4; ++j) part[h][mb][j] = 0.f;
+              for (int mb = 0; mb < kMBlocks; ++mb)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) part[ch][h][mb][j] = 0.f;
         }
-        uint32_t a[4];
-        LookupFragment<kBits>(w, t, lane_addr, a);
+        uint32_t a[kNB][4];
+#pragma unroll
+        for (int h = 0; h < kNB; ++h) LookupFragment<kBits>(w[h], t, lane_addr, a[h]);
         if (t % 2 == 0) {
 #pragma unroll
           for (int mb = 0; mb < kMBlocks; ++mb) ptx::LdMatrixX4(b[mb], x_rows + 2 * (mb * 8 * kXStride + 16 * t));
         }
 #pragma unroll
-        for (int mb = 0; mb < kMBlocks; ++mb) {
-          ptx::Mma<T>(part[t % kChains][mb], a, b[mb][2 * (t & 1)], b[mb][2 * (t & 1) + 1]);
-        }
+        for (int h = 0; h < kNB; ++h)
+#pragma unroll
+          for (int mb = 0; mb < kMBlocks; ++mb)
+            ptx::Mma<T>(part[t % kChains][h][mb], a[h], b[mb][2 * (t & 1)], b[mb][2 * (t & 1) + 1]);
         if (t % kFlushTiles == kFlushTiles - 1) {
           const int g = t >> p.group_shift;
-          const float s_lo = ToF32(ss[g * kColumnN]), s_hi = ToF32(ss[g * kColumnN + 8]);
 #pragma unroll
-          for (int mb = 0; mb < kMBlocks; ++mb) {
+          for (int h = 0; h < kNB; ++h) {
+            const T* sh = ss + h * kColumnN + g * S::kColumn;
+            const float s_lo = ToF32(sh[0]), s_hi = ToF32(sh[8]);
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              float sum = part[0][mb][j];
+            for (int mb = 0; mb < kMBlocks; ++mb) {
 #pragma unroll
-              for (int h = 1; h < kChains; ++h) sum += part[h][mb][j];
-              acc[mb][j] = fmaf(j < 2 ? s_lo : s_hi, sum, acc[mb][j]);
+              for (int j = 0; j < 4; ++j) {
+                float sum = part[0][h][mb][j];
+#pragma unroll
+                for (int ch = 1; ch < kChains; ++ch) sum += part[ch][h][mb][j];
+                acc[h][mb][j] = fmaf(j < 2 ? s_lo : s_hi, sum, acc[h][mb][j]);
+              }
             }
           }
         }
@@ -229,13 +249,13 @@ __global__ void __launch_bounds__(kThreads, kMBlocks == 4 ? 1 : 2) FluteQgemmKer
 
     // End of a segment: the column is done, or this block's range ends.
     if (u == p.k_units - 1 || it + 1 == it_end) {
-      // (acc as the one N-block of this warp: FinishColumn's [kNB][chunks][4] view)
-      FinishColumn<T, kMBlocks, 1>(p, c, c, static_cast<T*>(p.y), p.m,
-                                   reinterpret_cast<const float(&)[1][kMBlocks][4]>(acc), &s_is_last);
+      FinishColumn<T, kMBlocks, kNB>(p, c, c, static_cast<T*>(p.y), p.m, acc, &s_is_last);
 #pragma unroll
-      for (int mb = 0; mb < kMBlocks; ++mb)
+      for (int h = 0; h < kNB; ++h)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[mb][j] = 0.f;
+        for (int mb = 0; mb < kMBlocks; ++mb)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[h][mb][j] = 0.f;
     }
     if (++u == p.k_units) { u = 0; ++c; }
     if (++s == kStages) { s = 0; parity ^= 1; }

@@ -16,7 +16,8 @@ struct FlutePlan {
   int rows_per_launch = 0;    // decode kernel: M is covered in launches of 8 * m_blocks rows;
                               // tile kernel: the x tile, 32, 64 or 128 rows (one launch for all of M)
   int row_tiles = 1;          // tile kernel: x tiles; Stream-K runs over row_tiles * columns columns
-  int column_n = 0;           // output features per Stream-K column: 128, or 256 for a large tile-kernel problem
+  int column_n = 0;           // output features per Stream-K column: 128, or 256 (a large tile-kernel problem, or
+                              // two N-blocks per warp in the decode kernel)
   int columns = 0;            // Stream-K columns of column_n output features
   int k_units = 0;            // 256-k iterations per column
   int grid = 0;               // persistent blocks
@@ -79,17 +80,17 @@ inline int FluteTileColumnN(int64_t m, int64_t k, int64_t n, int tile_rows, int6
 
 // The plan for a call the kernel applies to, given the GPU's multiprocessors and
 // how many blocks of the chosen kernel (decode, or tile when `wgmma`) fit on one;
-// tile_rows and tile_column_n are the tile kernel's x tile (0: FluteTileRows) and column width.
+// tile_rows is the tile kernel's x tile (0: FluteTileRows), column_n either kernel's column width.
 inline FlutePlan PlanFlute(int64_t m, int64_t k, int64_t n, int64_t group_rows, bool is_half_type,
                            int sm_count, int blocks_per_sm, bool wgmma = false, int tile_rows = 0,
-                           int tile_column_n = kFluteColumnN) {
+                           int column_n = kFluteColumnN) {
   FlutePlan plan;
   plan.fast = FluteApplies(m, k, n, group_rows, is_half_type) && sm_count > 0 && blocks_per_sm > 0;
   if (!plan.fast) return plan;
   plan.wgmma = wgmma;
   plan.m_blocks = wgmma ? 0 : FluteMBlocks(m);
   plan.rows_per_launch = wgmma ? (tile_rows ? tile_rows : FluteTileRows(m, k, n, sm_count)) : 8 * plan.m_blocks;
-  plan.column_n = wgmma ? tile_column_n : kFluteColumnN;
+  plan.column_n = column_n;
   plan.columns = static_cast<int>((n + plan.column_n - 1) / plan.column_n);
   plan.k_units = static_cast<int>((k + kFluteUnitK - 1) / kFluteUnitK);
   const int64_t row_tiles = wgmma ? (m + plan.rows_per_launch - 1) / plan.rows_per_launch : 1;

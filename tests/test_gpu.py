@@ -65,6 +65,40 @@ def test_group64_in_the_32_row_launch(rng, gpu, monkeypatch):
     check_qgemm(rng, gpu, 4160, 136, (29,), 4, 64, "float16", repeats=2)
 
 
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m", [1, 5, 8])
+def test_two_nblocks_per_warp(rng, gpu, monkeypatch, bits, m):
+    # FLUTE_JAX_DECODE_NB=2: each warp of the 8-row decode launch takes two N-blocks (256-feature
+    # Stream-K columns). Last columns of 1, 3 and 5 N-blocks (the second N-block of a warp past N),
+    # K with a partial last unit, every group size, both 16-bit dtypes; all shapes the FLUTE
+    # kernel takes (K and N multiples of 8).
+    monkeypatch.setenv("FLUTE_JAX_DECODE_NB", "2")
+    jax.clear_caches()
+    cases = [((4160, 1040), 64, "bfloat16"), ((2112, 72), 32, "float16"), ((1000, 296), 128, "bfloat16"),
+             ((4096, 4104), -1, "float16"), ((520, 264), 256, "bfloat16")]
+    for (k, n), group_size, dtype in cases:
+        check_qgemm(rng, gpu, k, n, (m,), bits, group_size, dtype, repeats=2)
+        plan = _ffi.cuda_plan(m, k, n, k if group_size == -1 else group_size, bits, dtype)
+        assert plan["kernel"] == "flute" and plan["column_n"] == 256, plan
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_two_nblocks_rule(gpu, monkeypatch, bits):
+    # Without FLUTE_JAX_DECODE_NB, the 8-row launch takes two N-blocks per warp for the 70B
+    # gate/up projection (many Stream-K iterations per block), and one for the 8B o
+    # projection (few); 16 rows always take one.
+    monkeypatch.delenv("FLUTE_JAX_DECODE_NB", raising=False)
+    assert _ffi.cuda_plan(1, 8192, 57344, 128, bits, "bfloat16")["column_n"] == 256
+    assert _ffi.cuda_plan(8, 8192, 57344, 128, bits, "float16")["column_n"] == 256
+    assert _ffi.cuda_plan(1, 8192, 57344, 64, bits, "bfloat16")["column_n"] == 256  # flush period 4
+    assert _ffi.cuda_plan(1, 8192, 57344, 32, bits, "float16")["column_n"] == 256  # flush period 2
+    assert _ffi.cuda_plan(1, 4096, 4096, 128, bits, "bfloat16")["column_n"] == 128
+    assert _ffi.cuda_plan(16, 8192, 57344, 128, bits, "bfloat16")["column_n"] == 128
+    monkeypatch.setenv("FLUTE_JAX_DECODE_NB", "1")
+    assert _ffi.cuda_plan(1, 8192, 57344, 128, bits, "bfloat16")["column_n"] == 128
+
+
 def test_gpu_equals_cpu_function(rng, gpu):
     # Same inputs on both platforms: both within tolerance of the reference and of each other.
     qw = random_weight(rng, 777, 99, 3, 64, jnp.float32)
