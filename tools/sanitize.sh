@@ -11,8 +11,9 @@
 # the other path: the counter-zeroing kernel, then the FLUTE kernel as its dependent.
 # The sweep covers bits 2/3/4, 8/16/32-row decode launches, K past the last full
 # 256-k unit, N past the last 128-feature column, group sizes 32/64/128/one group, the
-# tile kernel with one and two row tiles, and (racecheck) blocks that reuse their
-# pipeline stages many times. Numerical results are the GPU tests' job, not this one's.
+# tile kernel with one and two row tiles, (racecheck) blocks that reuse their pipeline
+# stages many times, and two N-blocks per warp (by rule and forced). Numerical results
+# are the GPU tests' job, not this one's.
 # Prints one line per check and exits non-zero if any check reports an error.
 set -uo pipefail
 OUT=${1:-/tmp/flute_sanitize}; mkdir -p "$OUT"
@@ -37,7 +38,7 @@ check() {  # tool, then the timeline arguments: M K N bits group reps [tile]
   (cd "$OUT" && timeout 300 "$SAN" --tool "$tool" --error-exitcode 9 --print-limit 10 "$BIN" "$@") > "$OUT/last.log" 2>&1
   local rc=$?
   cat "$OUT/last.log" >> "$OUT/sanitizer.log"
-  printf '%-10s %-28s rc=%d  %s\n' "$tool" "$*" "$rc" "$(grep -E 'SUMMARY' "$OUT/last.log" | tail -1 | sed 's/=* *//')"
+  printf '%-10s %-34s rc=%d  %s\n' "$tool" "${FLUTE_JAX_DECODE_NB:+NB=$FLUTE_JAX_DECODE_NB }$*" "$rc" "$(grep -E 'SUMMARY' "$OUT/last.log" | tail -1 | sed 's/=* *//')"
   [ $rc -eq 0 ] || failed=1
 }
 : > "$OUT/sanitizer.log"
@@ -53,5 +54,12 @@ for c in "1 4096 57344 4 128 1" "16 4096 28672 4 128 1" "16 4160 4096 4 64 1" "6
   check racecheck $c
 done
 check synccheck 16 4096 4096 4 128 1
+# Two N-blocks per warp: picked by the rule (70B gate/up, 8-row launch), then forced on ragged
+# shapes (the second N-block of the last warp past N, K past the last full unit).
+check memcheck 1 8192 57344 2 128 1
+check racecheck 8 8192 57344 3 64 1
+FLUTE_JAX_DECODE_NB=2 check memcheck 3 4160 1040 4 64 1
+FLUTE_JAX_DECODE_NB=2 check memcheck 7 1000 296 2 128 1
+FLUTE_JAX_DECODE_NB=2 check racecheck 8 2112 72 3 32 1
 check initcheck 1 4096 4096 4 128 1
 exit $failed
