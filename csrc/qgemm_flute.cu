@@ -200,10 +200,11 @@ namespace {
 //   70B gate/up (8192 x 57344): 2-bit 64.0 -> 55.8 us, 3-bit 78.6 -> 72.1, 4-bit 74.2 -> 71.6;
 //   70B down (28672 x 8192): 1.07x / 1.03x / 1.00x; 8B gate/up (4096 x 28672): 1.05x / 0.98x / 0.97x;
 //   70B qkv (8192 x 10240): 0.94x / 0.84x / 0.98x; 8B o (4096 x 4096): 0.64x / 0.67x / 0.83x.
-// At 3 and 4 bits the instance fits one block per multiprocessor (shared memory), at 2 bits two.
-// A 2-stage ring that fits two blocks at 3 and 4 bits lost (session 20, forced, geomean of
-// the 8 Llama-3 shapes, g128, M = 1, against the one-N-block kernel: 3-bit 0.87x vs 0.88x with 3
-// stages, 4-bit 0.78x vs 0.94x), so it was dropped.
+// The 4-bit instance fits one block per multiprocessor (shared memory: its 32 KB pair table
+// and 3 stages of 40 KB), the 2- and 3-bit ones two (H200 plans, session 20). A 2-stage ring,
+// which fits two 4-bit blocks, lost (session 20, forced, geomean of the 8 Llama-3 shapes, g128,
+// M = 1, against the one-N-block kernel: 4-bit 0.78x vs 0.94x with 3 stages; 3-bit 0.87x vs
+// 0.88x), so it was dropped.
 constexpr int kTwoNBlocksMinIterations[3] = {6, 20, 40};
 
 // N-blocks per consumer warp of the decode kernel (1, or 2 for the 8-row launch by the rule
