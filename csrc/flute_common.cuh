@@ -102,10 +102,13 @@ __device__ __forceinline__ int BlockOf(int i, const Params& p) {
   const int big = p.extra_iters * (p.iters_per_block + 1);  // iterations of the longer blocks
   return i < big ? i / (p.iters_per_block + 1) : p.extra_iters + (i - big) / p.iters_per_block;
 }
-// Partial-sum slot of block b's part of column c: slot 0 for the column its range
-// starts in, slot 1 for the column it ends in (a block has at most two split columns).
+// Partial-sum slot of block b's part of column c, for a block whose range covers part
+// of column c: slot 0 for the column its range starts in, slot 1 for the column it ends
+// in (a block has at most two split columns). The range starts in c exactly when it
+// starts at or after c's first iteration: a compare, not a division by k_units (the
+// fix-up computes one per part before its loads can go out).
 __device__ __forceinline__ int SlotOf(int b, int c, const Params& p) {
-  return 2 * b + (c == IterBegin(b, p) / p.k_units ? 0 : 1);
+  return 2 * b + (IterBegin(b, p) >= c * p.k_units ? 0 : 1);
 }
 
 // The pair index held in bits [shift, shift + width) of `word`, moved to bits
@@ -364,8 +367,14 @@ __device__ __forceinline__ void ReduceColumn(const Params& p, int cc, int c, T* 
   const ColumnLane<T, kChunks, kNB> lane(p, c, rows);
   constexpr int kSlot = lane.kMTile * lane.kColumn;
   // Every part has landed: sum them in block order (deterministic), up to four
-  // 8-token chunks at a time (few registers live, 16 loads in flight).
+  // 8-token chunks at a time. The parts' loads go out kBatch at a time, all before
+  // any sum, so a column of up to kBatch parts costs one L2 round trip: the decode
+  // kernel's small shapes have 5-10 parts (8B o at M = 1: about 9), and a fix-up
+  // that the whole kernel waits for. Past the last part the loads repeat it (in
+  // bounds, unused) instead of branching. The tile kernel keeps 4: its lanes hold
+  // up to 16 values per part.
   constexpr int kGroup = kChunks < 4 ? kChunks : 4;
+  constexpr int kBatch = kChunks == 1 ? 8 : 4;
 #pragma unroll
   for (int h = 0; h < kNB; ++h) {
     if (!lane.active(h)) continue;
@@ -376,14 +385,24 @@ __device__ __forceinline__ void ReduceColumn(const Params& p, int cc, int c, T* 
       for (int i = 0; i < kGroup; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) sum[i][j] = 0.f;
-#pragma unroll 4
-      for (int b = first_block; b <= last_block; ++b) {
-        const float* part = p.partials + static_cast<int64_t>(SlotOf(b, cc, p)) * kSlot;
+      for (int b0 = first_block; b0 <= last_block; b0 += kBatch) {
+        float v[kBatch][kGroup][4];
 #pragma unroll
-        for (int i = 0; i < kGroup; ++i)
+        for (int bb = 0; bb < kBatch; ++bb) {
+          const float* part = p.partials + static_cast<int64_t>(SlotOf(min(b0 + bb, last_block), cc, p)) * kSlot;
 #pragma unroll
-          for (int j = 0; j < 4; ++j)
-            if (lane.row_ok(i0 + i, j)) sum[i][j] += __ldcg(part + lane.slot_index(h, i0 + i, j));
+          for (int i = 0; i < kGroup; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+              v[bb][i][j] = lane.row_ok(i0 + i, j) ? __ldcg(part + lane.slot_index(h, i0 + i, j)) : 0.f;
+        }
+#pragma unroll
+        for (int bb = 0; bb < kBatch; ++bb)
+          if (b0 + bb <= last_block)
+#pragma unroll
+            for (int i = 0; i < kGroup; ++i)
+#pragma unroll
+              for (int j = 0; j < 4; ++j) sum[i][j] += v[bb][i][j];
       }
 #pragma unroll
       for (int i = 0; i < kGroup; ++i)
