@@ -367,14 +367,15 @@ __device__ __forceinline__ void ReduceColumn(const Params& p, int cc, int c, T* 
   const ColumnLane<T, kChunks, kNB> lane(p, c, rows);
   constexpr int kSlot = lane.kMTile * lane.kColumn;
   // Every part has landed: sum them in block order (deterministic), up to four
-  // 8-token chunks at a time. The parts' loads go out kBatch at a time, all before
-  // any sum, so a column of up to kBatch parts costs one L2 round trip: the decode
-  // kernel's small shapes have 5-10 parts (8B o at M = 1: about 9), and a fix-up
-  // that the whole kernel waits for. Past the last part the loads repeat it (in
-  // bounds, unused) instead of branching. The tile kernel keeps 4: its lanes hold
-  // up to 16 values per part.
+  // 8-token chunks at a time (few registers live, 16 loads in flight).
   constexpr int kGroup = kChunks < 4 ? kChunks : 4;
-  constexpr int kBatch = kChunks == 1 ? 8 : 4;
+  // The 8-row decode launch loads up to kBatch parts before it sums any, so a column of
+  // up to 8 parts costs one L2 round trip: its small shapes have 5-10 parts (8B o at
+  // M = 1: about 9), and the whole kernel waits for the last column's fix-up (H200,
+  // 4096 x 4096, M = 1: fix-up 1.62 -> 1.21 us). Past the last part the loads repeat it
+  // (in bounds, unused) instead of branching. The 16-row launch and the tile kernel,
+  // whose lanes hold 8 to 16 values per part, keep the loop below.
+  constexpr int kBatch = kChunks == 1 ? 8 : 1;
 #pragma unroll
   for (int h = 0; h < kNB; ++h) {
     if (!lane.active(h)) continue;
@@ -385,24 +386,36 @@ __device__ __forceinline__ void ReduceColumn(const Params& p, int cc, int c, T* 
       for (int i = 0; i < kGroup; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) sum[i][j] = 0.f;
-      for (int b0 = first_block; b0 <= last_block; b0 += kBatch) {
-        float v[kBatch][kGroup][4];
+      if constexpr (kBatch > 1) {
+        for (int b0 = first_block; b0 <= last_block; b0 += kBatch) {
+          float v[kBatch][kGroup][4];
 #pragma unroll
-        for (int bb = 0; bb < kBatch; ++bb) {
-          const float* part = p.partials + static_cast<int64_t>(SlotOf(min(b0 + bb, last_block), cc, p)) * kSlot;
+          for (int bb = 0; bb < kBatch; ++bb) {
+            const float* part = p.partials + static_cast<int64_t>(SlotOf(min(b0 + bb, last_block), cc, p)) * kSlot;
+#pragma unroll
+            for (int i = 0; i < kGroup; ++i)
+#pragma unroll
+              for (int j = 0; j < 4; ++j)
+                v[bb][i][j] = lane.row_ok(i0 + i, j) ? __ldcg(part + lane.slot_index(h, i0 + i, j)) : 0.f;
+          }
+#pragma unroll
+          for (int bb = 0; bb < kBatch; ++bb)
+            if (b0 + bb <= last_block)
+#pragma unroll
+              for (int i = 0; i < kGroup; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) sum[i][j] += v[bb][i][j];
+        }
+      } else {
+#pragma unroll 4
+        for (int b = first_block; b <= last_block; ++b) {
+          const float* part = p.partials + static_cast<int64_t>(SlotOf(b, cc, p)) * kSlot;
 #pragma unroll
           for (int i = 0; i < kGroup; ++i)
 #pragma unroll
             for (int j = 0; j < 4; ++j)
-              v[bb][i][j] = lane.row_ok(i0 + i, j) ? __ldcg(part + lane.slot_index(h, i0 + i, j)) : 0.f;
+              if (lane.row_ok(i0 + i, j)) sum[i][j] += __ldcg(part + lane.slot_index(h, i0 + i, j));
         }
-#pragma unroll
-        for (int bb = 0; bb < kBatch; ++bb)
-          if (b0 + bb <= last_block)
-#pragma unroll
-            for (int i = 0; i < kGroup; ++i)
-#pragma unroll
-              for (int j = 0; j < 4; ++j) sum[i][j] += v[bb][i][j];
       }
 #pragma unroll
       for (int i = 0; i < kGroup; ++i)
