@@ -102,10 +102,13 @@ __device__ __forceinline__ int BlockOf(int i, const Params& p) {
   const int big = p.extra_iters * (p.iters_per_block + 1);  // iterations of the longer blocks
   return i < big ? i / (p.iters_per_block + 1) : p.extra_iters + (i - big) / p.iters_per_block;
 }
-// Partial-sum slot of block b's part of column c: slot 0 for the column its range
-// starts in, slot 1 for the column it ends in (a block has at most two split columns).
+// Partial-sum slot of block b's part of column c, for a block whose range covers part
+// of column c: slot 0 for the column its range starts in, slot 1 for the column it ends
+// in (a block has at most two split columns). The range starts in c exactly when it
+// starts at or after c's first iteration: a compare, not a division by k_units (the
+// fix-up computes one per part before its loads can go out).
 __device__ __forceinline__ int SlotOf(int b, int c, const Params& p) {
-  return 2 * b + (c == IterBegin(b, p) / p.k_units ? 0 : 1);
+  return 2 * b + (IterBegin(b, p) >= c * p.k_units ? 0 : 1);
 }
 
 // The pair index held in bits [shift, shift + width) of `word`, moved to bits
@@ -366,6 +369,14 @@ __device__ __forceinline__ void ReduceColumn(const Params& p, int cc, int c, T* 
   // Every part has landed: sum them in block order (deterministic), up to four
   // 8-token chunks at a time (few registers live, 16 loads in flight).
   constexpr int kGroup = kChunks < 4 ? kChunks : 4;
+  // The 8-row decode launch loads up to kBatch parts before it sums any, so a column of
+  // up to 8 parts costs one L2 round trip: its small shapes have 5-10 parts (8B o at
+  // M = 1: about 9), and the whole kernel waits for the last column's fix-up (H200,
+  // 4096 x 4096, M = 1: fix-up 1.62 -> 1.21 us). Loads past the last part are predicated
+  // off, not repeated: at 8 rows a part is 4 KB a block reads from L2, and repeating the
+  // last one made columns of few parts 3-6% slower. The 16-row launch and the tile
+  // kernel, whose lanes hold 8 to 16 values per part, keep the loop below.
+  constexpr int kBatch = kChunks == 1 ? 8 : 1;
 #pragma unroll
   for (int h = 0; h < kNB; ++h) {
     if (!lane.active(h)) continue;
@@ -376,14 +387,37 @@ __device__ __forceinline__ void ReduceColumn(const Params& p, int cc, int c, T* 
       for (int i = 0; i < kGroup; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) sum[i][j] = 0.f;
+      if constexpr (kBatch > 1) {
+        for (int b0 = first_block; b0 <= last_block; b0 += kBatch) {
+          float v[kBatch][kGroup][4];
+#pragma unroll
+          for (int bb = 0; bb < kBatch; ++bb) {
+            const bool exists = b0 + bb <= last_block;
+            const float* part = p.partials + static_cast<int64_t>(SlotOf(min(b0 + bb, last_block), cc, p)) * kSlot;
+#pragma unroll
+            for (int i = 0; i < kGroup; ++i)
+#pragma unroll
+              for (int j = 0; j < 4; ++j)
+                v[bb][i][j] = exists && lane.row_ok(i0 + i, j) ? __ldcg(part + lane.slot_index(h, i0 + i, j)) : 0.f;
+          }
+#pragma unroll
+          for (int bb = 0; bb < kBatch; ++bb)
+            if (b0 + bb <= last_block)
+#pragma unroll
+              for (int i = 0; i < kGroup; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) sum[i][j] += v[bb][i][j];
+        }
+      } else {
 #pragma unroll 4
-      for (int b = first_block; b <= last_block; ++b) {
-        const float* part = p.partials + static_cast<int64_t>(SlotOf(b, cc, p)) * kSlot;
+        for (int b = first_block; b <= last_block; ++b) {
+          const float* part = p.partials + static_cast<int64_t>(SlotOf(b, cc, p)) * kSlot;
 #pragma unroll
-        for (int i = 0; i < kGroup; ++i)
+          for (int i = 0; i < kGroup; ++i)
 #pragma unroll
-          for (int j = 0; j < 4; ++j)
-            if (lane.row_ok(i0 + i, j)) sum[i][j] += __ldcg(part + lane.slot_index(h, i0 + i, j));
+            for (int j = 0; j < 4; ++j)
+              if (lane.row_ok(i0 + i, j)) sum[i][j] += __ldcg(part + lane.slot_index(h, i0 + i, j));
+        }
       }
 #pragma unroll
       for (int i = 0; i < kGroup; ++i)

@@ -204,8 +204,11 @@ namespace {
 // and 3 stages of 40 KB), the 2- and 3-bit ones two (H200 plans, session 20). A 2-stage ring,
 // which fits two 4-bit blocks, lost (session 20, forced, geomean of the 8 Llama-3 shapes, g128,
 // M = 1, against the one-N-block kernel: 4-bit 0.78x vs 0.94x with 3 stages; 3-bit 0.87x vs
-// 0.88x), so it was dropped.
-constexpr int kTwoNBlocksMinIterations[3] = {6, 20, 40};
+// 0.88x), so it was dropped. The 3-bit threshold came down from 20 to 10 once its two blocks
+// per multiprocessor were known (session 21, same measurement, g128 and g64, M = 1 and 8):
+// 70B down with 13.6 iterations per block 1.00-1.05x, 8B gate/up with 6.8 0.97-1.02x, 70B qkv
+// with 4.8 0.83-0.87x.
+constexpr int kTwoNBlocksMinIterations[3] = {6, 10, 40};
 
 // N-blocks per consumer warp of the decode kernel (1, or 2 for the 8-row launch by the rule
 // above). FLUTE_JAX_DECODE_NB=1 or 2 in the environment forces it, for measuring the rule.
