@@ -18,7 +18,8 @@ latency. A contiguous tensor-parallel split of the features then gives each devi
 KV-head groups (when the degree divides kv_heads) and matching gate/up pairs. Every projection is ``nn.Dense`` (bf16) or,
 with ``quant`` set, ``flute_jax.nn.FluteDense`` under the same name, so the bf16 params
 convert with one ``flute_jax.nn.quantize_params`` call. The lm head stays bf16 unless
-``--quantize-head``. Kernels carry logical axis names (embed, heads, mlp, vocab) that
+``--quantize-head``. A decode step's attention runs on cuDNN's fused kernel on NVIDIA GPUs
+(``--attention auto``), else by XLA's dots and softmax (``--attention xla``), in every variant. Kernels carry logical axis names (embed, heads, mlp, vocab) that
 tp_inference.py maps onto a device mesh.
 
 Weights: random (``--config tiny|8b|70b``) or a Hugging Face Llama safetensors checkpoint
@@ -124,10 +125,63 @@ def constrain(x, axes):
     return nn.with_logical_constraint(x, axes)
 
 
+def attention_xla(query: jax.Array, cache_k: jax.Array, cache_v: jax.Array, pos: jax.Array) -> jax.Array:
+    """Grouped-query attention over the cache by XLA's dots and softmax.
+
+    query [B, T, heads, D] at positions pos .. pos + T - 1; cache_k, cache_v [B, S, kv_heads, D]
+    (filled up to pos + T - 1) -> [B, T, heads, D] in query's dtype. Query head h reads KV head
+    h // (heads // kv_heads). Scores and softmax in float32, probabilities in query's dtype.
+    """
+    b, t, heads, d = query.shape
+    kv_heads = cache_k.shape[2]
+    qg = query.reshape(b, t, kv_heads, heads // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, cache_k, preferred_element_type=jnp.float32)
+    scores = scores / np.sqrt(d)
+    positions = pos + jnp.arange(t)
+    visible = jnp.arange(cache_k.shape[1])[None, :] <= positions[:, None]  # [T, S] causal + filled
+    scores = jnp.where(visible[None, None, None], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(query.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, cache_v).reshape(b, t, heads, d)
+
+
+def attention_cudnn(query: jax.Array, cache_k: jax.Array, cache_v: jax.Array, pos: jax.Array) -> jax.Array:
+    """One decode step (T = 1) of the same attention by cuDNN's fused kernel (NVIDIA GPUs,
+    float16/bfloat16): one kernel instead of XLA's two dots and the softmax's fusions. The
+    keys past pos are masked by a key length of pos + 1 per sequence. Raises at trace time
+    where cuDNN can't run it (no cuDNN, an unsupported GPU, dtype or head size)."""
+    b, t = query.shape[:2]
+    if t != 1:
+        raise NotImplementedError("cuDNN attention here covers decode steps (T = 1) only")
+    lengths = jnp.full((b,), pos + 1, jnp.int32)
+    return jax.nn.dot_product_attention(query, cache_k, cache_v, key_value_seq_lengths=lengths,
+                                        implementation="cudnn")
+
+
+ATTENTION = ("auto", "xla", "cudnn")
+
+
+def attend(query: jax.Array, cache_k: jax.Array, cache_v: jax.Array, pos: jax.Array, how: str = "auto") -> jax.Array:
+    """Attention of a decode step (T = 1) by ``how``: "xla", "cudnn" (an error where cuDNN
+    can't run it), or "auto" (cuDNN on a GPU where it runs, else XLA). Prompts (T > 1) always
+    take XLA's path. Shapes as in :func:`attention_xla`."""
+    if how not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {how!r}")
+    if query.shape[1] == 1 and how == "cudnn":
+        return attention_cudnn(query, cache_k, cache_v, pos)
+    if query.shape[1] == 1 and how == "auto" and jax.default_backend() == "gpu" and \
+            query.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return attention_cudnn(query, cache_k, cache_v, pos)
+        except (NotImplementedError, RuntimeError):
+            pass  # e.g. no cuDNN, or a GPU or head size it doesn't cover: XLA's path always runs
+    return attention_xla(query, cache_k, cache_v, pos)
+
+
 class Block(nn.Module):
     cfg: Config
     quant: Optional[dict] = None
     dtype: Any = jnp.bfloat16
+    attention: str = "auto"  # see attend()
 
     @nn.compact
     def __call__(self, x, cache, pos):
@@ -151,13 +205,7 @@ class Block(nn.Module):
         cache_v = jax.lax.dynamic_update_slice(cache[1], value.astype(cache[1].dtype), (0, pos, 0, 0))
         cache_k = constrain(cache_k, ("batch", None, "kv_heads", None))
         cache_v = constrain(cache_v, ("batch", None, "kv_heads", None))
-        qg = query.reshape(b, t, cfg.kv_heads, group, cfg.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, cache_k, preferred_element_type=jnp.float32)
-        scores = scores / np.sqrt(cfg.head_dim)
-        visible = jnp.arange(cache_k.shape[1])[None, :] <= positions[:, None]  # [T, S] causal + filled
-        scores = jnp.where(visible[None, None, None], scores, -1e30)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        attn = jnp.einsum("bkgts,bskd->btkgd", probs, cache_v).reshape(b, t, cfg.heads * cfg.head_dim)
+        attn = attend(query, cache_k, cache_v, pos, self.attention).reshape(b, t, cfg.heads * cfg.head_dim)
         x = x + make_dense(cfg.dim, "o", ("heads", "embed"), q, self.dtype)(attn)
         h = RMSNorm(cfg.norm_eps, self.dtype, name="mlp_norm")(x)
         # One fused gate/up projection, features [hidden, 2] (gate and up interleaved per
@@ -174,6 +222,7 @@ class Llama(nn.Module):
     quant: Optional[dict] = None  # FluteDense fields: bits, group_size, table
     quantize_head: bool = False
     dtype: Any = jnp.bfloat16
+    attention: str = "auto"  # see attend()
 
     @nn.compact
     def __call__(self, tokens, cache, pos):
@@ -184,7 +233,7 @@ class Llama(nn.Module):
         x = constrain(embed(tokens), ("batch", None, "embed"))
         new_cache = []
         for i in range(cfg.layers):
-            x, layer_cache = Block(cfg, self.quant, self.dtype, name=f"layers_{i}")(x, cache[i], pos)
+            x, layer_cache = Block(cfg, self.quant, self.dtype, self.attention, name=f"layers_{i}")(x, cache[i], pos)
             new_cache.append(layer_cache)
         x = RMSNorm(cfg.norm_eps, self.dtype, name="norm")(x)
         if cfg.tie_embeddings:
@@ -445,26 +494,30 @@ BENCH_VARIANTS = {
 }
 
 
-def bench_variant(cfg: Config, dense: dict, name: str) -> tuple[Llama, dict]:
+def bench_variant(cfg: Config, dense: dict, name: str, attention: str = "auto") -> tuple[Llama, dict]:
     """The model and params of benchmark variant ``name`` (NF table), from the bf16 params."""
     quant, head = BENCH_VARIANTS[name]
     params = dense if quant is None else quantize(dense, **quant, quantize_head=head)
-    return Llama(cfg, quant=None if quant is None else dict(quant, table="nf"), quantize_head=head), params
+    model = Llama(cfg, quant=None if quant is None else dict(quant, table="nf"), quantize_head=head, attention=attention)
+    return model, params
 
 
 def run_bench(cfg: Config, seed: int, batches=(1, 4, 16), context: int = 512, steps: int = 32,
-              modes=("step", "loop"), variants=tuple(BENCH_VARIANTS)) -> list[dict]:
+              modes=("step", "loop"), variants=tuple(BENCH_VARIANTS), attention: str = "auto") -> list[dict]:
     """tokens/s of every variant at every batch size, per mode ("step": a host call per token,
-    "loop": ``steps`` tokens per call), with the speed-up over bf16 in the same mode."""
+    "loop": ``steps`` tokens per call), with the speed-up over bf16 in the same mode. Every
+    variant, bf16 included, runs its attention by ``attention`` (see :func:`attend`)."""
     dense = nn.meta.unbox(random_params(cfg, seed))
     rows = []
     for name in variants:
-        model, params = bench_variant(cfg, dense, name)
+        model, params = bench_variant(cfg, dense, name, attention)
         for mode in modes:
             for batch in batches:
                 tps = bench_decode(model, params, batch, context, steps, loop=mode == "loop")
-                rows.append({"variant": name, "mode": mode, "batch": batch, "context": context, "tokens_per_s": tps})
-                print(f"{name:14s} {mode:4s} batch {batch:3d} context {context}: {tps:9.1f} tokens/s", flush=True)
+                rows.append({"variant": name, "mode": mode, "batch": batch, "context": context, "attention": attention,
+                             "tokens_per_s": tps})
+                print(f"{name:14s} {mode:4s} batch {batch:3d} context {context} attention {attention}: {tps:9.1f} tokens/s",
+                      flush=True)
         del params  # free a quantized copy before the next variant is made
     base = {(r["mode"], r["batch"]): r["tokens_per_s"] for r in rows if r["variant"] == "bf16"}
     for r in rows:
@@ -491,6 +544,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--bench-batches", default="1,4,16")
     ap.add_argument("--bench-variants", default=",".join(BENCH_VARIANTS), help="a comma-separated subset of " + ", ".join(BENCH_VARIANTS))
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--attention", default="auto", choices=ATTENTION,
+                    help="decode attention: cuDNN's fused kernel, XLA's dots and softmax, or auto (cuDNN on a GPU where it runs)")
     ap.add_argument("--bench-modes", default="step,loop",
                     help="step: one host call per token; loop: 32 tokens per call (lax.scan on the device)")
     args = ap.parse_args(argv)
@@ -505,12 +560,12 @@ def main(argv=None) -> dict:
         if args.bench:
             return {"bench": run_bench(cfg, args.seed, tuple(int(b) for b in args.bench_batches.split(",")), args.context,
                                       modes=tuple(args.bench_modes.split(",")),
-                                      variants=tuple(args.bench_variants.split(",")))}
+                                      variants=tuple(args.bench_variants.split(",")), attention=args.attention)}
         dense = nn.meta.unbox(random_params(cfg, args.seed))
     quant = dict(bits=args.bits, group_size=args.group_size, table=args.table)
     qparams = quantize(dense, args.bits, args.group_size, args.table, args.quantize_head)
-    dense_model = Llama(cfg)
-    flute_model = Llama(cfg, quant=quant, quantize_head=args.quantize_head)
+    dense_model = Llama(cfg, attention=args.attention)
+    flute_model = Llama(cfg, quant=quant, quantize_head=args.quantize_head, attention=args.attention)
 
     if args.prompt_ids:
         prompt = np.array([[int(t) for t in args.prompt_ids.split(",")]], np.int32)

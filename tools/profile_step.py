@@ -36,6 +36,8 @@ def kind_of(name: str) -> str:
         return "memset"
     if name.startswith("Memcpy"):
         return "memcpy"
+    if any(s in name.lower() for s in ("cudnn", "fmha", "sdpa", "flash")):
+        return "attention (cudnn)"
     if "gemm" in name or "dot" in name or "cublas" in name.lower() or "nvjet" in name:
         return "xla gemm"
     return "other"
@@ -80,13 +82,14 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--variants", default="bf16,4bit-g128,4bit-g128-head")
     ap.add_argument("--top", type=int, default=12, help="longest kernels to list per variant")
+    ap.add_argument("--attention", default="auto", choices=llama.ATTENTION, help="decode attention (llama.attend)")
     args = ap.parse_args(argv)
     cfg = llama.CONFIGS[args.config]
     dense = nn.meta.unbox(llama.random_params(cfg, 0))
     for name in args.variants.split(","):
-        model, params = llama.bench_variant(cfg, dense, name)
+        model, params = llama.bench_variant(cfg, dense, name, args.attention)
         r = profile(model, params, args.batch, args.context, args.steps)
-        print(f"== {name} batch {args.batch}: wall {r['wall_us']:.0f} us/step ({args.batch * 1e6 / r['wall_us']:.1f} tok/s), "
+        print(f"== {name} batch {args.batch} attention {args.attention}: wall {r['wall_us']:.0f} us/step ({args.batch * 1e6 / r['wall_us']:.1f} tok/s), "
               f"host enqueue {r['dispatch_us']:.0f} us, device busy {r['busy_us']:.0f} us, span {r['span_us']:.0f} us, {r['kernels_per_step']:.0f} kernels/step")
         for kind, (us, count) in sorted(r["by_kind"].items(), key=lambda kv: -kv[1][0]):
             print(f"   {kind:14s} {us:8.1f} us/step  {count / args.steps:6.0f} kernels/step  {us / max(count / args.steps, 1):7.2f} us each")
