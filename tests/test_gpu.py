@@ -84,6 +84,18 @@ def test_two_nblocks_per_warp(rng, gpu, monkeypatch, bits, m):
 
 
 @pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m", [1, 6, 16])
+def test_fixup_of_many_parts(rng, gpu, bits, m):
+    # Narrow, deep weights: one or three Stream-K columns split over dozens of blocks, so the
+    # block that finishes a column last sums 32-64 parts, many batches of the 8-row launch's
+    # loads. The last column of N = 264 has one N-block, half of it past N.
+    for (k, n), group_size, dtype in (((16384, 128), 128, "bfloat16"), ((8192, 264), 64, "float16")):
+        plan = _ffi.cuda_plan(m, k, n, group_size, bits, dtype)
+        assert plan["kernel"] == "flute" and plan["grid"] >= 32, plan
+        check_qgemm(rng, gpu, k, n, (m,), bits, group_size, dtype, repeats=3)
+
+
+@pytest.mark.parametrize("bits", BITS)
 def test_two_nblocks_rule(gpu, monkeypatch, bits):
     # Without FLUTE_JAX_DECODE_NB, the 8-row launch takes two N-blocks per warp for the 70B
     # gate/up projection (many Stream-K iterations per block), and one for the 8B o
