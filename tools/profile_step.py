@@ -1,12 +1,18 @@
 """Where a decode step's device time goes: kernels of the Llama example, by kind.
 
     python tools/profile_step.py --config 8b --batch 1 --context 512 \
-        --variants bf16,4bit-g128,4bit-g128-head
+        --variants bf16,4bit-g128,4bit-g128-head [--mode loop]
 
 For each variant: wall time per step, host time to enqueue a step, device-busy time per step (sum of kernel
 durations), the gap between them (launch and dependency latency the device sits
 idle), and the device time per kernel kind (FLUTE qgemm, memset, XLA gemm
 fusions, other fusions), with the longest kernels. GPU only.
+
+``--mode step`` (default) profiles one jitted call per token; ``--mode loop`` profiles the
+on-device decode loop that ``examples/llama.py --bench-modes loop`` times (``--steps`` tokens
+per call). XLA compiles them differently: in the loop the KV cache is loop-carried, so XLA
+picks its layout, and with XLA's attention the per-step program transposes the cache
+instead (batch 16: 16.7 us per layer, BENCHMARKS.md "Session 22").
 """
 
 from __future__ import annotations
@@ -43,24 +49,33 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def profile(model: llama.Llama, params, batch: int, context: int, steps: int) -> dict:
-    step = llama.make_step(model)
-    cache = llama.init_cache(model.cfg, batch, context + steps + 4)
+def profile(model: llama.Llama, params, batch: int, context: int, steps: int, mode: str = "step") -> dict:
     token = jnp.zeros((batch, 1), jnp.int32)
-    for i in range(3):
-        logits, cache = step(params, token, cache, jnp.int32(context + i))
-    jax.block_until_ready(logits)
+    if mode == "loop":  # one call decodes `steps` tokens; the cache stays at context .. context + steps
+        loop = llama.make_decode_loop(model, steps)
+        cache = llama.init_cache(model.cfg, batch, context + steps)
+
+        def run(cache):
+            return loop(params, token, cache, jnp.int32(context))
+    else:
+        step = llama.make_step(model)
+        cache = llama.init_cache(model.cfg, batch, context + steps)
+
+        def run(cache):
+            for i in range(steps):
+                logits, cache = step(params, token, cache, jnp.int32(context + i))
+            return logits, cache
+    out, cache = run(cache)  # compile and warm up
+    jax.block_until_ready(out)
     start = time.perf_counter()
-    for i in range(steps):
-        logits, cache = step(params, token, cache, jnp.int32(context + 3 + i))
+    out, cache = run(cache)
     dispatch = (time.perf_counter() - start) / steps  # host time to enqueue a step
-    jax.block_until_ready(logits)
+    jax.block_until_ready(out)
     wall = (time.perf_counter() - start) / steps
     with tempfile.TemporaryDirectory() as log_dir:
         with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-            for i in range(steps):
-                logits, cache = step(params, token, cache, jnp.int32(context + 3 + i))
-            jax.block_until_ready(logits)
+            out, cache = run(cache)
+            jax.block_until_ready(out)
         events = trace.device_events(trace.load_events(trace.find_trace_file(log_dir))).events
     by_kind = collections.defaultdict(lambda: [0.0, 0])
     by_name = collections.defaultdict(lambda: [0.0, 0])
@@ -83,13 +98,15 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", default="bf16,4bit-g128,4bit-g128-head")
     ap.add_argument("--top", type=int, default=12, help="longest kernels to list per variant")
     ap.add_argument("--attention", default="auto", choices=llama.ATTENTION, help="decode attention (llama.attend)")
+    ap.add_argument("--mode", default="step", choices=("step", "loop"),
+                    help="step: one jitted call per token; loop: the on-device decode loop of --steps tokens")
     args = ap.parse_args(argv)
     cfg = llama.CONFIGS[args.config]
     dense = nn.meta.unbox(llama.random_params(cfg, 0))
     for name in args.variants.split(","):
         model, params = llama.bench_variant(cfg, dense, name, args.attention)
-        r = profile(model, params, args.batch, args.context, args.steps)
-        print(f"== {name} batch {args.batch} attention {args.attention}: wall {r['wall_us']:.0f} us/step ({args.batch * 1e6 / r['wall_us']:.1f} tok/s), "
+        r = profile(model, params, args.batch, args.context, args.steps, args.mode)
+        print(f"== {name} batch {args.batch} attention {args.attention} mode {args.mode}: wall {r['wall_us']:.0f} us/step ({args.batch * 1e6 / r['wall_us']:.1f} tok/s), "
               f"host enqueue {r['dispatch_us']:.0f} us, device busy {r['busy_us']:.0f} us, span {r['span_us']:.0f} us, {r['kernels_per_step']:.0f} kernels/step")
         for kind, (us, count) in sorted(r["by_kind"].items(), key=lambda kv: -kv[1][0]):
             print(f"   {kind:14s} {us:8.1f} us/step  {count / args.steps:6.0f} kernels/step  {us / max(count / args.steps, 1):7.2f} us each")
