@@ -19,8 +19,9 @@ KV-head groups (when the degree divides kv_heads) and matching gate/up pairs. Ev
 with ``quant`` set, ``flute_jax.nn.FluteDense`` under the same name, so the bf16 params
 convert with one ``flute_jax.nn.quantize_params`` call. The lm head stays bf16 unless
 ``--quantize-head``. A decode step's attention runs on cuDNN's fused kernel on NVIDIA GPUs
-(``--attention auto``), else by XLA's dots and softmax (``--attention xla``), in every variant. Kernels carry logical axis names (embed, heads, mlp, vocab) that
-tp_inference.py maps onto a device mesh.
+(``--attention auto``), else by XLA's dots and softmax (``--attention xla``), in every
+variant. Kernels carry logical axis names (embed, heads, mlp, vocab) that tp_inference.py
+maps onto a device mesh.
 
 Weights: random (``--config tiny|8b|70b``) or a Hugging Face Llama safetensors checkpoint
 directory (``--hf``: config.json and *.safetensors), read with numpy (no extra package).
