@@ -156,9 +156,11 @@ def device_bytes(params) -> int:
     return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(params))
 
 
-def bench(cfg, quant: dict, devices, tps, batches, context: int, steps: int, seed: int, variants) -> list[dict]:
+def bench(cfg, quant: dict, devices, tps, batches, context: int, steps: int, seed: int, variants,
+          attention: str = "auto") -> list[dict]:
     """Decode tokens/s of each variant ("quant" or "bf16") at each TP degree and batch (a model=tp
-    mesh over the first tp devices), with the quantized model's speed-up over bf16 at the same TP."""
+    mesh over the first tp devices), with the quantized model's speed-up over bf16 at the same TP.
+    Both variants run their decode attention by ``attention`` (llama.attend)."""
     rows = []
 
     def record(name, tp, batch, tok_s, **extra):
@@ -167,7 +169,7 @@ def bench(cfg, quant: dict, devices, tps, batches, context: int, steps: int, see
     for variant in variants:
         q = quant if variant == "quant" else None
         name = f"{quant['bits']}bit-g{quant['group_size']}" if q else "bf16"
-        model = llama.Llama(cfg, quant=q, dtype=jnp.bfloat16)
+        model = llama.Llama(cfg, quant=q, dtype=jnp.bfloat16, attention=attention)
         for tp in tps:
             mesh = make_mesh(devices, 1, tp)
             params = None
@@ -218,6 +220,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--bench-steps", type=int, default=32, help="greedy tokens per decode-loop call")
     ap.add_argument("--json", help="write the results (without logits) to this file")
+    ap.add_argument("--attention", default="auto", choices=llama.ATTENTION,
+                    help="decode attention (llama.attend): cuDNN's kernel on GPUs where it runs (auto), xla, or cudnn")
     args = ap.parse_args(argv)
     unknown = set(args.bench_variants.split(",")) - {"quant", "bf16"}
     if unknown:
@@ -240,7 +244,7 @@ def main(argv=None) -> dict:
     if args.bench:
         out["bench"] = bench(cfg, quant, devices, [int(t) for t in args.bench_tp.split(",")],
                              [int(b) for b in args.bench_batches.split(",")], args.context, args.bench_steps, args.seed,
-                             args.bench_variants.split(","))
+                             args.bench_variants.split(","), args.attention)
         print(json.dumps(out["bench"], indent=1))
     if args.json:
         keep = {k: v for k, v in out.items() if k not in ("single", "tp")}
@@ -253,7 +257,7 @@ def main(argv=None) -> dict:
 
 def check(args, cfg, quant, dtype, devices, mesh, data) -> dict:
     """Sharded random model vs the same params on one device (see check_against_single_device)."""
-    model = llama.Llama(cfg, quant=quant, dtype=dtype)
+    model = llama.Llama(cfg, quant=quant, dtype=dtype, attention=args.attention)
     start = time.perf_counter()
     sharded = llama.init_params(cfg, args.seed, quant, dtype=dtype, mesh=mesh, rules=RULES)
     jax.block_until_ready(sharded)

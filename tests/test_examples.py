@@ -224,7 +224,7 @@ def test_init_params_layer_by_layer():
 def test_tp_inference_bench_runs():
     # the GPU benchmark's code path (tokens/s at TP 1 and 2, quantized and bf16) on simulated CPUs
     out = tp_inference.main(["--tp", "2", "--data", "1", "--no-check", "--bench", "--bench-tp", "1,2",
-                             "--bench-batches", "2", "--context", "4", "--bench-steps", "2"])
+                             "--bench-batches", "2", "--context", "4", "--bench-steps", "2", "--attention", "xla"])
     rows = {(r["variant"], r["tp"]): r for r in out["bench"]}
     assert set(rows) == {("4bit-g64", 1), ("4bit-g64", 2), ("bf16", 1), ("bf16", 2)}
     assert all(r["tokens_per_s"] > 0 and r["batch"] == 2 for r in rows.values())
