@@ -163,18 +163,21 @@ ATTENTION = ("auto", "xla", "cudnn")
 
 def attend(query: jax.Array, cache_k: jax.Array, cache_v: jax.Array, pos: jax.Array, how: str = "auto") -> jax.Array:
     """Attention of a decode step (T = 1) by ``how``: "xla", "cudnn" (an error where cuDNN
-    can't run it), or "auto" (cuDNN on a GPU where it runs, else XLA). Prompts (T > 1) always
-    take XLA's path. Shapes as in :func:`attention_xla`."""
+    can't run it), or "auto" (cuDNN where the step is compiled for an NVIDIA GPU and cuDNN
+    takes it, else XLA). Prompts (T > 1) always take XLA's path. Shapes as in
+    :func:`attention_xla`."""
     if how not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, got {how!r}")
     if query.shape[1] == 1 and how == "cudnn":
         return attention_cudnn(query, cache_k, cache_v, pos)
-    if query.shape[1] == 1 and how == "auto" and jax.default_backend() == "gpu" and \
-            query.dtype in (jnp.bfloat16, jnp.float16):
+    if query.shape[1] == 1 and how == "auto" and query.dtype in (jnp.bfloat16, jnp.float16):
         try:
-            return attention_cudnn(query, cache_k, cache_v, pos)
+            # Chosen where the program is lowered, not by the default backend: a GPU machine
+            # may compile this step for its CPU devices (e.g. a CPU mesh), where cuDNN isn't.
+            return jax.lax.platform_dependent(query, cache_k, cache_v, pos, cuda=attention_cudnn,
+                                              default=attention_xla)
         except (NotImplementedError, RuntimeError):
-            pass  # e.g. no cuDNN, or a GPU or head size it doesn't cover: XLA's path always runs
+            pass  # tracing cuDNN's path failed: no cuDNN, or a GPU or head size it doesn't cover
     return attention_xla(query, cache_k, cache_v, pos)
 
 

@@ -71,6 +71,18 @@ def test_auto_picks_cudnn_for_decode_steps():
     assert "cudnn" not in hlo
 
 
+def test_auto_on_the_cpu_devices_of_a_gpu_machine(rng):
+    """"auto" is chosen where the step is lowered: compiled for the CPU, it takes XLA's path."""
+    cpu = jax.devices("cpu")[0]
+    query = jax.device_put(jnp.asarray(rng.standard_normal((2, 1, 8, 64)), jnp.bfloat16), cpu)
+    cache = jax.device_put(jnp.asarray(rng.standard_normal((2, 40, 2, 64)), jnp.bfloat16), cpu)
+    f = jax.jit(lambda q, k, v, p: llama.attend(q, k, v, p, "auto"))
+    assert "cudnn" not in f.lower(query, cache, cache, jnp.int32(9)).as_text()
+    out = f(query, cache, cache, jnp.int32(9))
+    assert list(out.devices())[0].platform == "cpu"
+    assert rel(out.astype(jnp.float32), reference_attention(query, cache, cache, 9)) < 1e-2
+
+
 def test_decode_loop_cudnn_matches_xla():
     """The quantized tiny model's decode steps: close logits either way, teacher-forced."""
     cfg = llama.CONFIGS["tiny"]
