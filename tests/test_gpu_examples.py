@@ -13,17 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import gpu_available
+from conftest import gpu_available, rel_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU")]
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import llama  # noqa: E402
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def reference_attention(query, cache_k, cache_v, pos: int) -> np.ndarray:
@@ -52,13 +47,13 @@ def test_cudnn_attention_matches_reference(rng, dtype, batch, length, heads, kv_
         for how, f in run.items():
             out = f(query, cache_k, cache_v, jnp.int32(pos))
             assert out.shape == query.shape and out.dtype == dtype
-            assert rel(out.astype(jnp.float32), ref) < tol, (how, pos)
+            assert rel_error(out, ref) < tol, (how, pos)
         # keys past pos are masked: large ones there would otherwise take all the weight
         loud_k = cache_k.at[:, pos + 1:].set(30.0 * jnp.sign(query[:, :1, :kv_heads]))
         loud_v = cache_v.at[:, pos + 1:].set(1000.0)
         for how, f in run.items():
             out = f(query, loud_k, loud_v, jnp.int32(pos))
-            assert rel(out.astype(jnp.float32), ref) < tol, (how, pos)
+            assert rel_error(out, ref) < tol, (how, pos)
 
 
 def test_auto_picks_cudnn_for_decode_steps():
@@ -80,7 +75,7 @@ def test_auto_on_the_cpu_devices_of_a_gpu_machine(rng):
     assert "cudnn" not in f.lower(query, cache, cache, jnp.int32(9)).as_text()
     out = f(query, cache, cache, jnp.int32(9))
     assert list(out.devices())[0].platform == "cpu"
-    assert rel(out.astype(jnp.float32), reference_attention(query, cache, cache, 9)) < 1e-2
+    assert rel_error(out, reference_attention(query, cache, cache, 9)) < 1e-2
 
 
 def test_decode_loop_cudnn_matches_xla():
@@ -102,7 +97,7 @@ def test_decode_loop_cudnn_matches_xla():
             rows.append(np.asarray(out[:, 0]))
             token = jnp.asarray(np.arange(3)[:, None] * 7 + i, jnp.int32)
         logits[how] = np.stack(rows, 1)
-    assert rel(logits["cudnn"], logits["xla"]) < 2e-2
+    assert rel_error(logits["cudnn"], logits["xla"]) < 2e-2
     # the on-device loop (a lax.scan) runs through cuDNN's attention too
     loop = llama.make_decode_loop(models["cudnn"], 4)
     args = (params, jnp.asarray(prompt[:, -1:]), llama.init_cache(cfg, 3, 16), jnp.int32(5))
