@@ -18,9 +18,10 @@ latency. A contiguous tensor-parallel split of the features then gives each devi
 KV-head groups (when the degree divides kv_heads) and matching gate/up pairs. Every projection is ``nn.Dense`` (bf16) or,
 with ``quant`` set, ``flute_jax.nn.FluteDense`` under the same name, so the bf16 params
 convert with one ``flute_jax.nn.quantize_params`` call. The lm head stays bf16 unless
-``--quantize-head``. A decode step's attention runs on cuDNN's fused kernel on NVIDIA GPUs
-(``--attention auto``), else by XLA's dots and softmax (``--attention xla``), in every
-variant. Kernels carry logical axis names (embed, heads, mlp, vocab) that tp_inference.py
+``--quantize-head``. A decode step's attention layer (rotary embedding, cache update,
+attention) runs as two Pallas kernels on NVIDIA GPUs (decode_attention.py; ``--attention
+auto``), else by XLA's ops (``--attention xla``; ``cudnn`` puts cuDNN's kernel on the
+attention itself), in every variant. Kernels carry logical axis names (embed, heads, mlp, vocab) that tp_inference.py
 maps onto a device mesh.
 
 Weights: random (``--config tiny|8b|70b``) or a Hugging Face Llama safetensors checkpoint
@@ -48,6 +49,12 @@ import numpy as np
 
 import flute_jax
 from flute_jax import nn as fnn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+try:  # Pallas' Triton backend, deprecated since JAX 0.11 (Mosaic GPU replaces it): without it, XLA's path
+    from decode_attention import decode_step_attention  # noqa: E402
+except ImportError:
+    decode_step_attention = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,19 +165,13 @@ def attention_cudnn(query: jax.Array, cache_k: jax.Array, cache_v: jax.Array, po
                                         implementation="cudnn")
 
 
-ATTENTION = ("auto", "xla", "cudnn")
-
-
-def attend(query: jax.Array, cache_k: jax.Array, cache_v: jax.Array, pos: jax.Array, how: str = "auto") -> jax.Array:
-    """Attention of a decode step (T = 1) by ``how``: "xla", "cudnn" (an error where cuDNN
-    can't run it), or "auto" (cuDNN where the step is compiled for an NVIDIA GPU and cuDNN
-    takes it, else XLA). Prompts (T > 1) always take XLA's path. Shapes as in
-    :func:`attention_xla`."""
-    if how not in ATTENTION:
-        raise ValueError(f"attention must be one of {ATTENTION}, got {how!r}")
-    if query.shape[1] == 1 and how == "cudnn":
-        return attention_cudnn(query, cache_k, cache_v, pos)
-    if query.shape[1] == 1 and how == "auto" and query.dtype in (jnp.bfloat16, jnp.float16):
+def attend(query: jax.Array, cache_k: jax.Array, cache_v: jax.Array, pos: jax.Array, how: str = "xla") -> jax.Array:
+    """Attention over an updated cache by ``how``: "xla", or "cudnn" (decode steps, T = 1, on
+    cuDNN's kernel where the step is compiled for an NVIDIA GPU and cuDNN takes it, else XLA).
+    Prompts (T > 1) always take XLA's path. Shapes as in :func:`attention_xla`."""
+    if how not in ("xla", "cudnn"):
+        raise ValueError(f"how must be 'xla' or 'cudnn', got {how!r}")
+    if query.shape[1] == 1 and how == "cudnn" and query.dtype in (jnp.bfloat16, jnp.float16):
         try:
             # Chosen where the program is lowered, not by the default backend: a GPU machine
             # may compile this step for its CPU devices (e.g. a CPU mesh), where cuDNN isn't.
@@ -181,11 +182,67 @@ def attend(query: jax.Array, cache_k: jax.Array, cache_v: jax.Array, pos: jax.Ar
     return attention_xla(query, cache_k, cache_v, pos)
 
 
+# How a decode step (T = 1) runs its attention layer (rotary embedding, cache update,
+# attention); prompts always take XLA's path:
+#   auto    the Pallas kernels of decode_attention.py where the step is compiled for an NVIDIA
+#           GPU, else XLA's path (single-device programs: XLA can't partition the kernels);
+#   pallas  the Pallas kernels (an error where they can't compile);
+#   cudnn   XLA's rotary embedding and cache updates, then cuDNN's attention kernel where the
+#           step is compiled for an NVIDIA GPU, else XLA's (XLA partitions it over heads);
+#   xla     XLA's ops throughout.
+ATTENTION = ("auto", "pallas", "cudnn", "xla")
+
+
+def _attention_by_xla(qkv, cache_k, cache_v, pos, freqs, how="xla"):
+    """attention_layer by XLA's ops, with attend(..., how) for the attention itself."""
+    b, t, kv_heads, group2, head_dim = qkv.shape
+    query = qkv[:, :, :, : group2 - 2].reshape(b, t, kv_heads * (group2 - 2), head_dim)
+    key, value = qkv[:, :, :, group2 - 2], qkv[:, :, :, group2 - 1]
+    positions = pos + jnp.arange(t)
+    query, key = apply_rope(query, positions, freqs), apply_rope(key, positions, freqs)
+    cache_k = jax.lax.dynamic_update_slice(cache_k, key.astype(cache_k.dtype), (0, pos, 0, 0))
+    cache_v = jax.lax.dynamic_update_slice(cache_v, value.astype(cache_v.dtype), (0, pos, 0, 0))
+    return attend(query, cache_k, cache_v, pos, how), cache_k, cache_v
+
+
+def _attention_by_pallas(qkv, cache_k, cache_v, pos, freqs):
+    """attention_layer of a decode step (T = 1) by the Pallas kernels of decode_attention.py."""
+    angles = pos.astype(jnp.float32) * jnp.asarray(freqs, jnp.float32)  # as apply_rope computes them
+    return decode_step_attention(qkv[:, 0], cache_k, cache_v, pos, jnp.cos(angles), jnp.sin(angles))
+
+
+def attention_layer(qkv: jax.Array, cache_k: jax.Array, cache_v: jax.Array, pos: jax.Array, freqs: np.ndarray,
+                    how: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rotary embedding, KV cache update and attention of one layer, by ``how`` (ATTENTION).
+
+    qkv [B, T, kv_heads, group + 2, D]: the fused projection's output at positions
+    pos .. pos + T - 1 (per KV head its query heads, key, value; before the rotary
+    embedding); cache_k, cache_v [B, S, kv_heads, D] filled up to pos - 1; freqs [D / 2]
+    (:func:`rope_frequencies`). Returns (attention output [B, T, heads, D] in qkv's dtype,
+    cache_k, cache_v with rows pos .. pos + T - 1 set).
+    """
+    if how not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {how!r}")
+    pos = jnp.asarray(pos, jnp.int32)
+    decode = qkv.shape[1] == 1 and qkv.dtype in (jnp.bfloat16, jnp.float16)
+    if decode and how == "pallas":
+        if decode_step_attention is None:
+            raise NotImplementedError("this JAX has no Pallas Triton backend (jax.experimental.pallas.triton)")
+        return _attention_by_pallas(qkv, cache_k, cache_v, pos, freqs)
+    head_dim = qkv.shape[-1]
+    pallas_fits = (decode_step_attention is not None and cache_k.dtype == cache_v.dtype == qkv.dtype
+                   and head_dim >= 32 and not head_dim & (head_dim - 1))
+    if decode and how == "auto" and pallas_fits:
+        return jax.lax.platform_dependent(qkv, cache_k, cache_v, pos, cuda=lambda *a: _attention_by_pallas(*a, freqs),
+                                          default=lambda *a: _attention_by_xla(*a, freqs))
+    return _attention_by_xla(qkv, cache_k, cache_v, pos, freqs, "cudnn" if how == "cudnn" else "xla")
+
+
 class Block(nn.Module):
     cfg: Config
     quant: Optional[dict] = None
     dtype: Any = jnp.bfloat16
-    attention: str = "auto"  # see attend()
+    attention: str = "auto"  # see ATTENTION
 
     @nn.compact
     def __call__(self, x, cache, pos):
@@ -200,16 +257,10 @@ class Block(nn.Module):
         # device whole KV-head groups (tensor parallelism over heads).
         qkv = make_dense(cfg.kv_heads * (group + 2) * cfg.head_dim, "qkv", ("embed", "heads"), q, self.dtype)(h)
         qkv = qkv.reshape(b, t, cfg.kv_heads, group + 2, cfg.head_dim)
-        query = qkv[:, :, :, :group].reshape(b, t, cfg.heads, cfg.head_dim)
-        key, value = qkv[:, :, :, group], qkv[:, :, :, group + 1]
-        positions = pos + jnp.arange(t)
-        freqs = rope_frequencies(cfg)
-        query, key = apply_rope(query, positions, freqs), apply_rope(key, positions, freqs)
-        cache_k = jax.lax.dynamic_update_slice(cache[0], key.astype(cache[0].dtype), (0, pos, 0, 0))
-        cache_v = jax.lax.dynamic_update_slice(cache[1], value.astype(cache[1].dtype), (0, pos, 0, 0))
+        attn, cache_k, cache_v = attention_layer(qkv, cache[0], cache[1], pos, rope_frequencies(cfg), self.attention)
         cache_k = constrain(cache_k, ("batch", None, "kv_heads", None))
         cache_v = constrain(cache_v, ("batch", None, "kv_heads", None))
-        attn = attend(query, cache_k, cache_v, pos, self.attention).reshape(b, t, cfg.heads * cfg.head_dim)
+        attn = attn.reshape(b, t, cfg.heads * cfg.head_dim)
         x = x + make_dense(cfg.dim, "o", ("heads", "embed"), q, self.dtype)(attn)
         h = RMSNorm(cfg.norm_eps, self.dtype, name="mlp_norm")(x)
         # One fused gate/up projection, features [hidden, 2] (gate and up interleaved per
@@ -226,7 +277,7 @@ class Llama(nn.Module):
     quant: Optional[dict] = None  # FluteDense fields: bits, group_size, table
     quantize_head: bool = False
     dtype: Any = jnp.bfloat16
-    attention: str = "auto"  # see attend()
+    attention: str = "auto"  # see ATTENTION
 
     @nn.compact
     def __call__(self, tokens, cache, pos):
@@ -510,7 +561,7 @@ def run_bench(cfg: Config, seed: int, batches=(1, 4, 16), context: int = 512, st
               modes=("step", "loop"), variants=tuple(BENCH_VARIANTS), attention: str = "auto") -> list[dict]:
     """tokens/s of every variant at every batch size, per mode ("step": a host call per token,
     "loop": ``steps`` tokens per call), with the speed-up over bf16 in the same mode. Every
-    variant, bf16 included, runs its attention by ``attention`` (see :func:`attend`)."""
+    variant, bf16 included, runs its attention layers by ``attention`` (see ``ATTENTION``)."""
     dense = nn.meta.unbox(random_params(cfg, seed))
     rows = []
     for name in variants:
@@ -549,7 +600,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--bench-variants", default=",".join(BENCH_VARIANTS), help="a comma-separated subset of " + ", ".join(BENCH_VARIANTS))
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--attention", default="auto", choices=ATTENTION,
-                    help="decode attention: cuDNN's fused kernel, XLA's dots and softmax, or auto (cuDNN on a GPU where it runs)")
+                    help="decode steps' attention layers: Pallas kernels on NVIDIA GPUs (auto), pallas, cudnn, or xla "
+                         "(see ATTENTION in this file)")
     ap.add_argument("--bench-modes", default="step,loop",
                     help="step: one host call per token; loop: 32 tokens per call (lax.scan on the device)")
     args = ap.parse_args(argv)

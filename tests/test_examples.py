@@ -176,7 +176,8 @@ def test_fused_model_matches_hf_reference(tmp_path, rng):
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
     tokens = rng.integers(0, 80, 7).astype(np.int32)
     cache = llama.init_cache(cfg, 1, len(tokens), jnp.float32)  # float32 KV cache too
-    logits, _ = llama.Llama(cfg, dtype=jnp.float32).apply({"params": params}, jnp.asarray(tokens[None]), cache, 0)
+    with jax.default_matmul_precision("highest"):  # float32 dots, not TF32 (XLA's default on NVIDIA GPUs)
+        logits, _ = llama.Llama(cfg, dtype=jnp.float32).apply({"params": params}, jnp.asarray(tokens[None]), cache, 0)
     logits = np.asarray(logits[0])
     ref = _reference_logits(tensors, hf, tokens)
     assert np.max(np.abs(logits - ref)) / np.max(np.abs(ref)) < 1e-4

@@ -1,5 +1,5 @@
-"""The Llama example's decode attention on a GPU: cuDNN's fused kernel against XLA's path
-(skipped without a GPU).
+"""The Llama example's decode attention on a GPU: the Pallas kernels of decode_attention.py
+and cuDNN's fused kernel, against float64 references and XLA's path (skipped without a GPU).
 
     pytest -q tests/test_gpu_examples.py
 """
@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="n
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import llama  # noqa: E402
+from test_decode_attention import random_step, reference_step  # noqa: E402
 
 
 def reference_attention(query, cache_k, cache_v, pos: int) -> np.ndarray:
@@ -56,38 +57,92 @@ def test_cudnn_attention_matches_reference(rng, dtype, batch, length, heads, kv_
             assert rel_error(out, ref) < tol, (how, pos)
 
 
-def test_auto_picks_cudnn_for_decode_steps():
+def test_cudnn_lowers_for_decode_steps_only():
     q = jnp.zeros((2, 1, 8, 128), jnp.bfloat16)
     kv = jnp.zeros((2, 64, 2, 128), jnp.bfloat16)
-    hlo = jax.jit(lambda q, k, v, p: llama.attend(q, k, v, p, "auto")).lower(q, kv, kv, jnp.int32(5)).as_text()
+    hlo = jax.jit(lambda q, k, v, p: llama.attend(q, k, v, p, "cudnn")).lower(q, kv, kv, jnp.int32(5)).as_text()
     assert "cudnn" in hlo
     prompt = jnp.zeros((2, 4, 8, 128), jnp.bfloat16)  # prompts take XLA's path
-    hlo = jax.jit(lambda q, k, v, p: llama.attend(q, k, v, p, "auto")).lower(prompt, kv, kv, jnp.int32(0)).as_text()
+    hlo = jax.jit(lambda q, k, v, p: llama.attend(q, k, v, p, "cudnn")).lower(prompt, kv, kv, jnp.int32(0)).as_text()
     assert "cudnn" not in hlo
 
 
-def test_auto_on_the_cpu_devices_of_a_gpu_machine(rng):
-    """"auto" is chosen where the step is lowered: compiled for the CPU, it takes XLA's path."""
+def test_platform_choices_on_the_cpu_devices_of_a_gpu_machine(rng):
+    """"cudnn" and "auto" are chosen where the step is lowered: compiled for the CPU, both take
+    XLA's path."""
     cpu = jax.devices("cpu")[0]
     query = jax.device_put(jnp.asarray(rng.standard_normal((2, 1, 8, 64)), jnp.bfloat16), cpu)
     cache = jax.device_put(jnp.asarray(rng.standard_normal((2, 40, 2, 64)), jnp.bfloat16), cpu)
-    f = jax.jit(lambda q, k, v, p: llama.attend(q, k, v, p, "auto"))
+    f = jax.jit(lambda q, k, v, p: llama.attend(q, k, v, p, "cudnn"))
     assert "cudnn" not in f.lower(query, cache, cache, jnp.int32(9)).as_text()
     out = f(query, cache, cache, jnp.int32(9))
     assert list(out.devices())[0].platform == "cpu"
     assert rel_error(out, reference_attention(query, cache, cache, 9)) < 1e-2
+    qkv = jax.device_put(jnp.asarray(rng.standard_normal((2, 1, 2, 6, 64)), jnp.bfloat16), cpu)
+    freqs = 1.0 / 10000 ** (np.arange(0, 64, 2) / 64)
+    g = jax.jit(lambda q, k, v, p: llama.attention_layer(q, k, v, p, freqs, "auto"))
+    assert "triton" not in g.lower(qkv, cache, cache, jnp.int32(9)).as_text()
+    out, _, _ = g(qkv, cache, cache, jnp.int32(9))
+    assert list(out.devices())[0].platform == "cpu"
 
 
-def test_decode_loop_cudnn_matches_xla():
+PALLAS_SHAPES = [(1, 544, 8, 4, 128),   # 8B-shaped, batch 1
+                 (2, 300, 8, 8, 128),   # 70B-shaped GQA
+                 (16, 530, 8, 4, 128),  # batch 16
+                 (1, 2048, 8, 4, 128),  # a longer cache
+                 (3, 77, 2, 3, 64),     # odd group and length
+                 (2, 100, 4, 1, 32)]    # MHA, small head
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("b,length,kv_heads,group,head_dim", PALLAS_SHAPES)
+def test_pallas_step_matches_reference(rng, dtype, b, length, kv_heads, group, head_dim):
+    """The compiled kernels (rotary embedding, cache update, split-K attention) against the
+    float64 reference; the cache rows against XLA's path, bitwise; keys past pos masked."""
+    tol = 1e-2 if dtype == jnp.bfloat16 else 2e-3
+    freqs = llama.rope_frequencies(llama.CONFIGS["8b"])[: head_dim // 2] if head_dim == 128 else \
+        1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim)
+    pallas = jax.jit(lambda q, k, v, p: llama.attention_layer(q, k, v, p, freqs, "pallas"))
+    xla = jax.jit(lambda q, k, v, p: llama.attention_layer(q, k, v, p, freqs, "xla"))
+    for pos in (0, length // 3, length - 1):  # fresh inputs for every position
+        qkv, cache_k, cache_v = random_step(rng, b, length, kv_heads, group, head_dim, dtype)
+        ref, _ = reference_step(qkv, cache_k, cache_v, pos, freqs)
+        out, new_k, new_v = pallas(qkv[:, None], cache_k, cache_v, jnp.int32(pos))
+        assert out.shape == (b, 1, kv_heads * group, head_dim) and out.dtype == dtype
+        assert rel_error(out, ref) < tol, pos
+        _, xla_k, xla_v = xla(qkv[:, None], cache_k, cache_v, jnp.int32(pos))
+        np.testing.assert_array_equal(new_k, xla_k)
+        np.testing.assert_array_equal(new_v, xla_v)
+        again = pallas(qkv[:, None], cache_k, cache_v, jnp.int32(pos))  # the same bits every run
+        np.testing.assert_array_equal(again[0], out)
+        # stale rows past pos, large enough to take all the weight if they were read
+        loud_k = cache_k.at[:, pos + 1:].set(30.0)
+        loud_v = cache_v.at[:, pos + 1:].set(1000.0)
+        out, _, _ = pallas(qkv[:, None], loud_k, loud_v, jnp.int32(pos))
+        assert rel_error(out, ref) < tol, pos
+
+
+def test_auto_lowers_to_pallas_for_decode_steps():
+    qkv = jnp.zeros((2, 1, 2, 6, 128), jnp.bfloat16)
+    kv = jnp.zeros((2, 64, 2, 128), jnp.bfloat16)
+    freqs = np.ones(64)
+    f = jax.jit(lambda q, k, v, p: llama.attention_layer(q, k, v, p, freqs, "auto"))
+    assert "triton" in f.lower(qkv, kv, kv, jnp.int32(5)).as_text()  # Pallas' kernels are Triton custom calls
+    prompt = jnp.zeros((2, 4, 2, 6, 128), jnp.bfloat16)  # prompts take XLA's path
+    assert "triton" not in f.lower(prompt, kv, kv, jnp.int32(0)).as_text()
+
+
+@pytest.mark.parametrize("how", ["pallas", "cudnn"])
+def test_decode_loop_matches_xla(how):
     """The quantized tiny model's decode steps: close logits either way, teacher-forced."""
     cfg = llama.CONFIGS["tiny"]
     dense = nn.meta.unbox(llama.random_params(cfg, seed=11))
     params = llama.quantize(dense, bits=4, group_size=64)
     quant = dict(bits=4, group_size=64, table="nf")
-    models = {how: llama.Llama(cfg, quant=quant, attention=how) for how in ("cudnn", "xla")}
+    models = {h: llama.Llama(cfg, quant=quant, attention=h) for h in (how, "xla")}
     prompt = np.random.default_rng(4).integers(0, cfg.vocab, (3, 5)).astype(np.int32)
     logits = {}
-    for how, model in models.items():
+    for h, model in models.items():
         step = llama.make_step(model)
         cache = llama.init_cache(cfg, 3, 16)
         out, cache = step(params, jnp.asarray(prompt), cache, jnp.int32(0))
@@ -96,11 +151,11 @@ def test_decode_loop_cudnn_matches_xla():
             out, cache = step(params, token, cache, jnp.int32(5 + i))
             rows.append(np.asarray(out[:, 0]))
             token = jnp.asarray(np.arange(3)[:, None] * 7 + i, jnp.int32)
-        logits[how] = np.stack(rows, 1)
-    assert rel_error(logits["cudnn"], logits["xla"]) < 2e-2
-    # the on-device loop (a lax.scan) runs through cuDNN's attention too
-    loop = llama.make_decode_loop(models["cudnn"], 4)
+        logits[h] = np.stack(rows, 1)
+    assert rel_error(logits[how], logits["xla"]) < 2e-2
+    # the on-device loop (a lax.scan) runs through the same kernels
+    loop = llama.make_decode_loop(models[how], 4)
     args = (params, jnp.asarray(prompt[:, -1:]), llama.init_cache(cfg, 3, 16), jnp.int32(5))
-    assert "cudnn" in loop.lower(*args).as_text()
+    assert {"pallas": "triton", "cudnn": "cudnn"}[how] in loop.lower(*args).as_text()
     tokens, _ = loop(*args)
     assert tokens.shape == (3, 4) and np.all((np.asarray(tokens) >= 0) & (np.asarray(tokens) < cfg.vocab))

@@ -42,6 +42,8 @@ def kind_of(name: str) -> str:
         return "memset"
     if name.startswith("Memcpy"):
         return "memcpy"
+    if "decode_attention" in name:
+        return "attention (pallas)"
     if any(s in name.lower() for s in ("cudnn", "fmha", "sdpa", "flash")):
         return "attention (cudnn)"
     if "gemm" in name or "dot" in name or "cublas" in name.lower() or "nvjet" in name:
