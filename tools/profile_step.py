@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--variants", default="bf16,4bit-g128,4bit-g128-head")
     ap.add_argument("--top", type=int, default=12, help="longest kernels to list per variant")
-    ap.add_argument("--attention", default="auto", choices=llama.ATTENTION, help="decode attention (llama.attend)")
+    ap.add_argument("--attention", default="auto", choices=llama.ATTENTION, help="decode steps' attention layers (llama.ATTENTION)")
     ap.add_argument("--mode", default="step", choices=("step", "loop"),
                     help="step: one jitted call per token; loop: the on-device decode loop of --steps tokens")
     args = ap.parse_args(argv)
