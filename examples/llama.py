@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -46,6 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 import flute_jax
 from flute_jax import nn as fnn
@@ -185,8 +187,10 @@ def attend(query: jax.Array, cache_k: jax.Array, cache_v: jax.Array, pos: jax.Ar
 # How a decode step (T = 1) runs its attention layer (rotary embedding, cache update,
 # attention); prompts always take XLA's path:
 #   auto    the Pallas kernels of decode_attention.py where the step is compiled for an NVIDIA
-#           GPU, else XLA's path (single-device programs: XLA can't partition the kernels);
-#   pallas  the Pallas kernels (an error where they can't compile);
+#           GPU, else XLA's path. Under a mesh (jax.set_mesh, with flax's logical axis rules)
+#           the kernels run per device in a shard_map over the batch and KV-head axes;
+#   pallas  the same kernels, compiled for NVIDIA GPUs and run in Pallas' interpreter elsewhere
+#           (slow: for tests);
 #   cudnn   XLA's rotary embedding and cache updates, then cuDNN's attention kernel where the
 #           step is compiled for an NVIDIA GPU, else XLA's (XLA partitions it over heads);
 #   xla     XLA's ops throughout.
@@ -205,10 +209,40 @@ def _attention_by_xla(qkv, cache_k, cache_v, pos, freqs, how="xla"):
     return attend(query, cache_k, cache_v, pos, how), cache_k, cache_v
 
 
-def _attention_by_pallas(qkv, cache_k, cache_v, pos, freqs):
-    """attention_layer of a decode step (T = 1) by the Pallas kernels of decode_attention.py."""
+def _pallas_mesh_spec(batch: int, kv_heads: int):
+    """The active mesh's (batch, KV-head) axes under flax's logical axis rules, as a
+    PartitionSpec; None without a mesh; False where they don't divide batch and KV heads."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    spec = nn.logical_to_mesh_axes(("batch", "kv_heads"))
+    for axes, size in zip(spec, (batch, kv_heads)):
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        if size % math.prod(mesh.shape[a] for a in names):
+            return False
+    return spec
+
+
+def _attention_by_pallas(qkv, cache_k, cache_v, pos, freqs, interpret=False):
+    """attention_layer of a decode step (T = 1) by the Pallas kernels of decode_attention.py;
+    under a mesh, per device (shard_map over the batch and KV-head axes: each KV head's
+    query heads, key, value and cache rows live on one device, so no device needs another's)."""
     angles = pos.astype(jnp.float32) * jnp.asarray(freqs, jnp.float32)  # as apply_rope computes them
-    return decode_step_attention(qkv[:, 0], cache_k, cache_v, pos, jnp.cos(angles), jnp.sin(angles))
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+
+    def run(qkv, cache_k, cache_v, pos, cos, sin):
+        return decode_step_attention(qkv[:, 0], cache_k, cache_v, pos, cos, sin, interpret=interpret)
+
+    spec = _pallas_mesh_spec(qkv.shape[0], qkv.shape[2])
+    if spec is None:
+        return run(qkv, cache_k, cache_v, pos, cos, sin)
+    if spec is False:
+        raise ValueError(f"the mesh's batch / KV-head axes must divide batch {qkv.shape[0]} and {qkv.shape[2]} KV heads")
+    batch_axis, head_axis = spec
+    per_head = P(batch_axis, None, head_axis, None)  # caches [B, S, kv_heads, D] and the output [B, 1, heads, D]
+    return jax.shard_map(run, in_specs=(P(batch_axis, None, head_axis, None, None), per_head, per_head, P(), P(), P()),
+                         out_specs=(per_head, per_head, per_head),
+                         check_vma=False)(qkv, cache_k, cache_v, pos, cos, sin)
 
 
 def attention_layer(qkv: jax.Array, cache_k: jax.Array, cache_v: jax.Array, pos: jax.Array, freqs: np.ndarray,
@@ -225,17 +259,23 @@ def attention_layer(qkv: jax.Array, cache_k: jax.Array, cache_v: jax.Array, pos:
         raise ValueError(f"attention must be one of {ATTENTION}, got {how!r}")
     pos = jnp.asarray(pos, jnp.int32)
     decode = qkv.shape[1] == 1 and qkv.dtype in (jnp.bfloat16, jnp.float16)
+    by_xla = functools.partial(_attention_by_xla, freqs=freqs)
     if decode and how == "pallas":
         if decode_step_attention is None:
             raise NotImplementedError("this JAX has no Pallas Triton backend (jax.experimental.pallas.triton)")
-        return _attention_by_pallas(qkv, cache_k, cache_v, pos, freqs)
+        return jax.lax.platform_dependent(qkv, cache_k, cache_v, pos,
+                                          cuda=functools.partial(_attention_by_pallas, freqs=freqs),
+                                          default=functools.partial(_attention_by_pallas, freqs=freqs, interpret=True))
     head_dim = qkv.shape[-1]
     pallas_fits = (decode_step_attention is not None and cache_k.dtype == cache_v.dtype == qkv.dtype
-                   and head_dim >= 32 and not head_dim & (head_dim - 1))
+                   and head_dim >= 32 and not head_dim & (head_dim - 1)
+                   and _pallas_mesh_spec(qkv.shape[0], qkv.shape[2]) is not False)
     if decode and how == "auto" and pallas_fits:
-        return jax.lax.platform_dependent(qkv, cache_k, cache_v, pos, cuda=lambda *a: _attention_by_pallas(*a, freqs),
-                                          default=lambda *a: _attention_by_xla(*a, freqs))
-    return _attention_by_xla(qkv, cache_k, cache_v, pos, freqs, "cudnn" if how == "cudnn" else "xla")
+        return jax.lax.platform_dependent(qkv, cache_k, cache_v, pos,
+                                          cuda=functools.partial(_attention_by_pallas, freqs=freqs), default=by_xla)
+    if decode and how == "auto":
+        how = "cudnn"  # where the Pallas kernels don't fit: cuDNN's kernel on NVIDIA GPUs
+    return by_xla(qkv, cache_k, cache_v, pos, how="cudnn" if how == "cudnn" else "xla")
 
 
 class Block(nn.Module):

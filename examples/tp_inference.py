@@ -157,7 +157,7 @@ def device_bytes(params) -> int:
 
 
 def bench(cfg, quant: dict, devices, tps, batches, context: int, steps: int, seed: int, variants,
-          attention: str = "cudnn") -> list[dict]:
+          attention: str = "auto") -> list[dict]:
     """Decode tokens/s of each variant ("quant" or "bf16") at each TP degree and batch (a model=tp
     mesh over the first tp devices), with the quantized model's speed-up over bf16 at the same TP.
     Both variants run their decode steps' attention layers by ``attention`` (llama.ATTENTION)."""
@@ -220,11 +220,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--bench-steps", type=int, default=32, help="greedy tokens per decode-loop call")
     ap.add_argument("--json", help="write the results (without logits) to this file")
-    # Not llama.py's default ("auto": its Pallas kernels): those are custom calls XLA can't
-    # partition, so under a mesh it would gather the KV caches to run them whole on every device.
-    ap.add_argument("--attention", default="cudnn", choices=("cudnn", "xla"),
-                    help="decode attention: cuDNN's kernel where compiled for NVIDIA GPUs, else XLA's (cudnn), "
-                         "or XLA's ops throughout (xla)")
+    ap.add_argument("--attention", default="auto", choices=llama.ATTENTION,
+                    help="decode steps' attention layers (llama.ATTENTION): the Pallas kernels per device on NVIDIA "
+                         "GPUs (auto), pallas (interpreted off GPUs: slow), cudnn, or xla")
     args = ap.parse_args(argv)
     unknown = set(args.bench_variants.split(",")) - {"quant", "bf16"}
     if unknown:

@@ -164,3 +164,57 @@ def test_attention_layer_choices_on_cpu(rng):
     np.testing.assert_array_equal(out, ref)
     with pytest.raises(ValueError, match="attention"):
         llama.attention_layer(qkv, cache, cache, 3, freqs, "flash")
+
+
+def test_per_device_under_a_mesh(rng):
+    """Under a (data, model) mesh with tp_inference.py's logical rules, the kernels run per device
+    (a shard_map over batch and KV heads): results as on one device, no collective."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import flax.linen as nn
+    import tp_inference
+
+    mesh = tp_inference.make_mesh(jax.devices("cpu"), 2, 4)
+    b, length, kv_heads, group, head_dim = 4, 40, 4, 2, 32
+    freqs = 1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim)
+    qkv, cache_k, cache_v = random_step(rng, b, length, kv_heads, group, head_dim)
+    pos = 29
+    ref, ref_k = reference_step(qkv, cache_k, cache_v, pos, freqs)
+    f = jax.jit(lambda *a: llama.attention_layer(*a, freqs, "pallas"))
+    with tp_inference.mesh_context(mesh), nn.logical_axis_rules(tp_inference.RULES):
+        args = (jax.device_put(qkv[:, None], NamedSharding(mesh, P("data", None, "model", None, None))),
+                jax.device_put(cache_k, NamedSharding(mesh, P("data", None, "model", None))),
+                jax.device_put(cache_v, NamedSharding(mesh, P("data", None, "model", None))), jnp.int32(pos))
+        assert tp_inference.collectives(f.lower(*args).compile().as_text()) == {}
+        out, new_k, new_v = f(*args)
+    assert out.sharding.spec == P("data", None, "model")
+    assert rel_error(out, ref) < 1e-2
+    assert rel_error(new_k[:, pos], ref_k) < 1e-2
+    np.testing.assert_array_equal(new_v[:, pos], qkv[:, :, group + 1])
+    # a mesh whose model axis doesn't divide the KV heads: "pallas" is an error, "auto" takes cuDNN's/XLA's path
+    odd = tp_inference.make_mesh(jax.devices("cpu"), 1, 8)
+    with tp_inference.mesh_context(odd), nn.logical_axis_rules(tp_inference.RULES):
+        with pytest.raises(ValueError, match="divide"):
+            jax.jit(lambda *a: llama.attention_layer(*a, freqs, "pallas")).lower(qkv[:, None], cache_k, cache_v,
+                                                                                   jnp.int32(pos))
+        out, _, _ = jax.jit(lambda *a: llama.attention_layer(*a, freqs, "auto"))(qkv[:, None], cache_k, cache_v,
+                                                                                  jnp.int32(pos))
+    assert rel_error(out, ref) < 1e-2
+
+
+def test_tensor_parallel_decode_step_collectives():
+    """The quantized tiny model's decode step on a (data 2, model 4) mesh with the Pallas attention:
+    one all-reduce per row-parallel layer (o and down) and no other collective."""
+    import flax.linen as nn
+    import tp_inference
+
+    cfg = llama.CONFIGS["tiny"]
+    quant = dict(bits=4, group_size=64, table="nf")
+    mesh = tp_inference.make_mesh(jax.devices("cpu"), 2, 4)
+    params = llama.init_params(cfg, 0, quant, dtype=jnp.bfloat16, mesh=mesh, rules=tp_inference.RULES)
+    model = llama.Llama(cfg, quant=quant, dtype=jnp.bfloat16, attention="pallas")
+    step = jax.jit(lambda p, tok, cache, pos: model.apply({"params": p}, tok, cache, pos))
+    place = tp_inference.placer(mesh)
+    with tp_inference.mesh_context(mesh), nn.logical_axis_rules(tp_inference.RULES):
+        hlo = step.lower(params, place(jnp.zeros((4, 1), jnp.int32)),
+                         place(llama.init_cache(cfg, 4, 12, jnp.bfloat16)), jnp.int32(5)).compile().as_text()
+    assert tp_inference.collectives(hlo) == {"all-reduce": 2 * cfg.layers}
