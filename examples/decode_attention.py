@@ -165,7 +165,8 @@ def decode_step_attention(qkv: jax.Array, cache_k: jax.Array, cache_v: jax.Array
     qkv [B, kv_heads, group + 2, D] (float16/bfloat16): the fused projection's output for the
     step's token, per KV head its ``group`` query heads, then its key and value, before the
     rotary embedding. cache_k, cache_v [B, S, kv_heads, D] hold keys and values of positions
-    0 .. pos - 1; pos is an int32 scalar (the same for every sequence). cos, sin [D / 2]
+    0 .. pos - 1; pos is an int32 scalar (the same for every sequence), clamped into [0, S - 1]
+    as ``lax.dynamic_update_slice`` clamps. cos, sin [D / 2]
     float32: the rotary embedding's cos and sin of pos times each frequency.
 
     Returns (out [B, 1, heads, D] in qkv's dtype, cache_k, cache_v with row pos set to the
@@ -194,7 +195,9 @@ def decode_step_attention(qkv: jax.Array, cache_k: jax.Array, cache_v: jax.Array
         raise ValueError(f"splits must be a power of two, got {splits}")
     rows = max(MIN_ROWS, _pow2_at_least(group))
     heads = kv_heads * group
-    pos = jnp.asarray(pos, jnp.int32).reshape(())
+    # Clamped into the cache, as dynamic_update_slice clamps its start: a pos past the cache then
+    # means its last row (XLA's path does the same), and no program reads or writes outside it.
+    pos = jnp.clip(jnp.asarray(pos, jnp.int32).reshape(()), 0, cache_len - 1)
     cos, sin = cos.astype(jnp.float32), sin.astype(jnp.float32)
 
     cache_spec = pl.BlockSpec((None, cache_len, kv_heads, head_dim), lambda i, h, j: (i, 0, 0, 0))

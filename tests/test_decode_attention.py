@@ -218,3 +218,23 @@ def test_tensor_parallel_decode_step_collectives():
         hlo = step.lower(params, place(jnp.zeros((4, 1), jnp.int32)),
                          place(llama.init_cache(cfg, 4, 12, jnp.bfloat16)), jnp.int32(5)).compile().as_text()
     assert tp_inference.collectives(hlo) == {"all-reduce": 2 * cfg.layers}
+
+
+def test_pos_outside_the_cache_is_clamped(rng):
+    """pos past the cache means its last row, as XLA's path (dynamic_update_slice) has it; a
+    negative pos writes row 0. Nothing outside the cache is read or written."""
+    freqs = 1.0 / 10000 ** (np.arange(0, 32, 2) / 32)
+    qkv, cache_k, cache_v = random_step(rng, 2, 48, 2, 2, 32)
+    length = cache_k.shape[1]
+    angles = jnp.float32(length - 1) * jnp.asarray(freqs, jnp.float32)
+    last = da.decode_step_attention(qkv, cache_k, cache_v, jnp.int32(length - 1), jnp.cos(angles), jnp.sin(angles),
+                                    splits=4, block_k=16, interpret=True)
+    past = da.decode_step_attention(qkv, cache_k, cache_v, jnp.int32(length + 7), jnp.cos(angles), jnp.sin(angles),
+                                    splits=4, block_k=16, interpret=True)
+    for a, b in zip(last, past):
+        np.testing.assert_array_equal(a, b)
+    out, new_k, new_v = da.decode_step_attention(qkv, cache_k, cache_v, jnp.int32(-3), jnp.cos(angles),
+                                                 jnp.sin(angles), splits=4, block_k=16, interpret=True)
+    assert np.isfinite(np.asarray(out.astype(jnp.float32))).all()
+    np.testing.assert_array_equal(new_v[:, 0], qkv[:, :, 3])
+    np.testing.assert_array_equal(np.asarray(new_v)[:, 1:], np.asarray(cache_v)[:, 1:])

@@ -159,3 +159,17 @@ def test_decode_loop_matches_xla(how):
     assert {"pallas": "triton", "cudnn": "cudnn"}[how] in loop.lower(*args).as_text()
     tokens, _ = loop(*args)
     assert tokens.shape == (3, 4) and np.all((np.asarray(tokens) >= 0) & (np.asarray(tokens) < cfg.vocab))
+
+
+def test_pallas_pos_past_the_cache_is_its_last_row(rng):
+    """Compiled: a pos past the cache writes and attends as its last row (as XLA's path does),
+    never outside the cache."""
+    freqs = llama.rope_frequencies(llama.CONFIGS["8b"])
+    qkv, cache_k, cache_v = random_step(rng, 2, 300, 8, 4, 128)
+    pallas = jax.jit(lambda q, k, v, p: llama.attention_layer(q, k, v, p, freqs, "pallas"))
+    xla = jax.jit(lambda q, k, v, p: llama.attention_layer(q, k, v, p, freqs, "xla"))
+    out, new_k, new_v = pallas(qkv[:, None], cache_k, cache_v, jnp.int32(300 + 37))
+    ref, ref_k, ref_v = xla(qkv[:, None], cache_k, cache_v, jnp.int32(300 + 37))
+    np.testing.assert_array_equal(new_k, ref_k)
+    np.testing.assert_array_equal(new_v, ref_v)
+    assert rel_error(out, np.asarray(ref.astype(jnp.float32), np.float64)) < 1e-2
