@@ -90,8 +90,6 @@ def _split_kernel(pos_ref, cos_ref, sin_ref, qkv_ref, k_ref, v_ref, o_ref, m_ref
     q_mask = (row < group)[:, None]
     q_lo, q_hi = _rope(plgpu.load(qkv_ref.at[h, pl.ds(0, rows), lo], mask=q_mask, other=0.0),
                        plgpu.load(qkv_ref.at[h, pl.ds(0, rows), hi], mask=q_mask, other=0.0), cos, sin, dtype)
-    q_lo = jnp.where(q_mask, q_lo, 0)
-    q_hi = jnp.where(q_mask, q_hi, 0)
     k_lo, k_hi = _rope(qkv_ref[h, group, lo], qkv_ref[h, group, hi], cos, sin, dtype)
     v_new_lo, v_new_hi = qkv_ref[h, group + 1, lo], qkv_ref[h, group + 1, hi]
 

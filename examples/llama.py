@@ -273,9 +273,8 @@ def attention_layer(qkv: jax.Array, cache_k: jax.Array, cache_v: jax.Array, pos:
     if decode and how == "auto" and pallas_fits:
         return jax.lax.platform_dependent(qkv, cache_k, cache_v, pos,
                                           cuda=functools.partial(_attention_by_pallas, freqs=freqs), default=by_xla)
-    if decode and how == "auto":
-        how = "cudnn"  # where the Pallas kernels don't fit: cuDNN's kernel on NVIDIA GPUs
-    return by_xla(qkv, cache_k, cache_v, pos, how="cudnn" if how == "cudnn" else "xla")
+    # (auto where the Pallas kernels don't fit takes cuDNN's kernel on NVIDIA GPUs; prompts take XLA's path either way)
+    return by_xla(qkv, cache_k, cache_v, pos, how="xla" if how in ("xla", "pallas") else "cudnn")
 
 
 class Block(nn.Module):

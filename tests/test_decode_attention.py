@@ -5,15 +5,18 @@ tests/test_gpu_examples.py."""
 import os
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import rel_error
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import llama  # noqa: E402
+import tp_inference  # noqa: E402
 
 da = pytest.importorskip("decode_attention", reason="needs Pallas' Triton backend (jax.experimental.pallas.triton)")
 
@@ -169,10 +172,6 @@ def test_attention_layer_choices_on_cpu(rng):
 def test_per_device_under_a_mesh(rng):
     """Under a (data, model) mesh with tp_inference.py's logical rules, the kernels run per device
     (a shard_map over batch and KV heads): results as on one device, no collective."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    import flax.linen as nn
-    import tp_inference
-
     mesh = tp_inference.make_mesh(jax.devices("cpu"), 2, 4)
     b, length, kv_heads, group, head_dim = 4, 40, 4, 2, 32
     freqs = 1.0 / 10000 ** (np.arange(0, head_dim, 2) / head_dim)
@@ -204,9 +203,6 @@ def test_per_device_under_a_mesh(rng):
 def test_tensor_parallel_decode_step_collectives():
     """The quantized tiny model's decode step on a (data 2, model 4) mesh with the Pallas attention:
     one all-reduce per row-parallel layer (o and down) and no other collective."""
-    import flax.linen as nn
-    import tp_inference
-
     cfg = llama.CONFIGS["tiny"]
     quant = dict(bits=4, group_size=64, table="nf")
     mesh = tp_inference.make_mesh(jax.devices("cpu"), 2, 4)
