@@ -79,6 +79,15 @@ __device__ __forceinline__ void TensorCopy2d(uint32_t smem, uint64_t tensor_map,
       : "memory");
 #endif
 }
+// sm_90: fetch the CUtensorMap at generic address `tensor_map` (a __grid_constant__
+// kernel parameter) into the TMA unit's descriptor cache, so the first tensor copy
+// does not wait for it. The map is a launch parameter, not an operand that an
+// earlier kernel writes, so this may run before griddepcontrol.wait.
+__device__ __forceinline__ void PrefetchTensorMap(uint64_t tensor_map) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(tensor_map) : "memory");
+#endif
+}
 // Wait until the phase with the given parity has completed (acquire).
 __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
   uint32_t done;

@@ -123,4 +123,13 @@ cudaError_t LaunchFluteTile(cudaStream_t stream, int bits, bool bf16, int m_tile
   });
 }
 
+#ifdef FLUTE_JAX_TIMELINE
+// tools/timeline.cu: the probe's stamps are per translation unit (flute_common.cuh), and
+// the tile kernel's are this file's; copies them to (or, to_device, from) the host.
+cudaError_t TileTimelineCopy(void* host, size_t bytes, bool to_device) {
+  return to_device ? cudaMemcpyToSymbol(flute::g_timeline, host, bytes)
+                   : cudaMemcpyFromSymbol(host, flute::g_timeline, bytes);
+}
+#endif
+
 }  // namespace flute_jax

@@ -156,6 +156,8 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   uint32_t* pair_table = reinterpret_cast<uint32_t*>(smem + (table_addr - smem_addr));
   const uint32_t table_end = table_addr + S::Table::kBytes;
   unsigned char* stages = smem + (((table_end + kAtomBytes - 1) & ~uint32_t(kAtomBytes - 1)) - smem_addr);
+  Stamp(0);
+  if (tid == kConsumers) ptx::PrefetchTensorMap(reinterpret_cast<uint64_t>(&x_map));  // the TMA thread
   if (tid == 0) {
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
@@ -174,6 +176,7 @@ __global__ void __launch_bounds__(kTileThreads, 1)
   ptx::SetMaxRegisters<kConsumerRegs, true>();
 
   const uint32_t lane_addr = BuildLookupTable<kBits, T, S::kCopies>(p.table, pair_table, tid);
+  Stamp(1);
   const int r = lane >> 2;
 
   float acc[kNB][kChunks][4];
@@ -200,6 +203,7 @@ __global__ void __launch_bounds__(kTileThreads, 1)
     const int segment_end = min(it_end, (cc + 1) * p.k_units);
     for (; it < segment_end; ++it) {
       ptx::MbarWait(full0 + 8 * s, parity);
+      if (it == it_begin) Stamp(2);  // the first stage has landed
       // (No proxy fence: x, the only operand the tensor cores read from shared memory,
       // was written by the TMA unit, in the same async proxy.)
       const unsigned char* base = stages + s * S::kStageBytes;
@@ -272,6 +276,8 @@ __global__ void __launch_bounds__(kTileThreads, 1)
         for (int j = 0; j < 4; ++j) acc[h][i][j] = 0.f;
   }
   if (tid == 0) ptx::GridDependencyWait();  // with workspace counters: end after the kernel that zeroed them (FinishColumn)
+  Stamp(6);
+  StampBlock(it_end - it_begin);
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 

@@ -5,9 +5,9 @@
 //        tools/timeline.cu csrc/qgemm_wgmma.cu -o /tmp/timeline
 //   /tmp/timeline M K N [bits=4] [group=128] [reps=20] [tile]
 //
-// With `tile` it runs the wgmma tile kernel's plan instead (sm_90a, larger M) and
-// prints no timeline: a plain CUDA program on the production launch path, for
-// compute-sanitizer, which does not run under JAX here.
+// With `tile` it runs the wgmma tile kernel's plan instead (sm_90a, larger M); it is
+// also a plain CUDA program on the production launch path, for compute-sanitizer,
+// which does not run under JAX here.
 //
 // It runs the production launch path (MakeFlutePlan + LaunchQgemmFlute with the
 // call site's counters; with FLUTE_JAX_COUNTERS=workspace the counter-zeroing
@@ -25,6 +25,10 @@
 #include <cstdlib>
 #include <string>
 #include <vector>
+
+namespace flute_jax {
+cudaError_t TileTimelineCopy(void* host, size_t bytes, bool to_device);  // csrc/qgemm_wgmma.cu
+}
 
 namespace {
 
@@ -127,16 +131,23 @@ int main(int argc, char** argv) {
   std::vector<unsigned long long> host(plan.grid * kS);
   const std::vector<unsigned long long> zeros(8192 * kS, 0);
   for (int rep = -3; rep < reps; ++rep) {  // 3 warm-up calls
-    CHECK(cudaMemcpyToSymbol(flute::g_timeline, zeros.data(), zeros.size() * 8));
+    // (the tile kernel stamps its own translation unit's copy of the timeline)
+    if (tile)
+      CHECK(TileTimelineCopy(const_cast<unsigned long long*>(zeros.data()), zeros.size() * 8, true));
+    else
+      CHECK(cudaMemcpyToSymbol(flute::g_timeline, zeros.data(), zeros.size() * 8));
     if (!hot) CHECK(cudaMemsetAsync(flush, rep & 0xff, flush_bytes, stream));
     CHECK(cudaEventRecord(start, stream));
     CHECK(LaunchQgemmFlute(stream, true, x, codes, scales, table, y, workspace, call_counters, d, plan));
     CHECK(cudaEventRecord(stop, stream));
     CHECK(cudaStreamSynchronize(stream));
-    if (rep < 0 || tile) continue;
+    if (rep < 0) continue;
     float event_ms = 0.f;
     CHECK(cudaEventElapsedTime(&event_ms, start, stop));
-    CHECK(cudaMemcpyFromSymbol(host.data(), flute::g_timeline, host.size() * 8));
+    if (tile)
+      CHECK(TileTimelineCopy(host.data(), host.size() * 8, false));
+    else
+      CHECK(cudaMemcpyFromSymbol(host.data(), flute::g_timeline, host.size() * 8));
     unsigned long long t0 = ~0ull, t_end = 0, last_entry = 0;
     for (int b = 0; b < plan.grid; ++b) {
       t0 = std::min(t0, host[b * kS]);
@@ -170,10 +181,7 @@ int main(int argc, char** argv) {
       }
     }
   }
-  if (tile) {
-    std::printf("tile kernel: %d calls ran\n", reps + 3);
-    return 0;
-  }
+  if (tile) std::printf("tile kernel: %d calls ran\n", reps + 3);
   std::printf("us after the first block's start, mean of %d calls (median / max over blocks):\n", reps);
   for (int i = 0; i < kS - 1; ++i)
     std::printf("  %-13s %7.2f / %7.2f\n", names[i], med_sum[i] / reps, max_sum[i] / reps);
