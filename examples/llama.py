@@ -55,8 +55,9 @@ from flute_jax import nn as fnn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 try:  # Pallas' Triton backend, deprecated since JAX 0.11 (Mosaic GPU replaces it): without it, XLA's path
     from decode_attention import decode_step_attention  # noqa: E402
+    import residual_norm  # noqa: E402
 except ImportError:
-    decode_step_attention = None
+    decode_step_attention = residual_norm = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,16 +111,86 @@ def apply_rope(x: jax.Array, positions: jax.Array, freqs: np.ndarray) -> jax.Arr
     return (xf * cos + rotated * sin).astype(x.dtype)
 
 
+# How RMSNorm and the residual add before it run:
+#   auto    one Pallas kernel (residual_norm.py) where the program is compiled for an NVIDIA GPU
+#           and the kernel fits (float16/bfloat16 activations, a power-of-two model width; under
+#           a mesh, per device in a shard_map over the batch axis, when the embed axis is not
+#           sharded), else XLA's ops;
+#   pallas  the same kernel, run in Pallas' interpreter off the GPU (slow: for tests);
+#   xla     XLA's ops.
+NORM = ("auto", "pallas", "xla")
+
+
+def _rms_norm_by_xla(x, delta, scale, eps):
+    total = x if delta is None else x + delta
+    xf = total.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps)
+    return total, scale * normed.astype(scale.dtype)
+
+
+def _norm_mesh_spec(batch: int):
+    """The active mesh's batch axis under flax's logical axis rules; None without a mesh;
+    False where the embed axis is sharded (the norm reduces over it) or the batch axis does
+    not divide ``batch``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    batch_axes, embed_axes = nn.logical_to_mesh_axes(("batch", "embed"))
+    if embed_axes is not None:
+        return False
+    names = () if batch_axes is None else (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    return False if batch % math.prod(mesh.shape[a] for a in names) else batch_axes
+
+
+def _rms_norm_by_pallas(x, delta, scale, eps, interpret=False):
+    """residual_rms_norm by residual_norm.py's kernel; under a mesh per device (the batch axis
+    split, the rows whole on every device)."""
+    def run(x, *delta_and_scale):
+        *delta, scale = delta_and_scale
+        return residual_norm.add_rms_norm(x, delta[0] if delta else None, scale, eps, interpret=interpret)
+
+    args = (x, scale) if delta is None else (x, delta, scale)
+    spec = _norm_mesh_spec(x.shape[0])
+    if spec is None:
+        return run(*args)
+    rows = P(spec)
+    return jax.shard_map(run, in_specs=(rows,) * (len(args) - 1) + (P(),), out_specs=(rows, rows),
+                         check_vma=False)(*args)
+
+
+def residual_rms_norm(x: jax.Array, delta: Optional[jax.Array], scale: jax.Array, eps: float,
+                      how: str = "auto") -> tuple[jax.Array, jax.Array]:
+    """The residual stream x [..., D] plus a sublayer's output delta [..., D] (None: nothing
+    to add), and its RMSNorm times scale [D], by ``how`` (NORM). Returns (x + delta, normed),
+    both in x's dtype."""
+    if how not in NORM:
+        raise ValueError(f"norm must be one of {NORM}, got {how!r}")
+    fits = (residual_norm is not None and residual_norm.fits(x, scale) and scale.dtype == x.dtype
+            and (delta is None or delta.dtype == x.dtype) and _norm_mesh_spec(x.shape[0]) is not False)
+    by_xla = functools.partial(_rms_norm_by_xla, eps=eps)
+    by_pallas = functools.partial(_rms_norm_by_pallas, eps=eps)
+    if how == "xla" or (how == "auto" and not fits):
+        return by_xla(x, delta, scale)
+    if how == "pallas" and not fits:
+        raise ValueError(f"the Pallas norm does not take x {x.shape} {x.dtype} with scale {scale.dtype} here")
+    # (platform_dependent passes arrays only: without delta, the branches take (x, scale))
+    args = (x, scale) if delta is None else (x, delta, scale)
+    unpack = lambda fn, **kw: lambda *a: fn(a[0], a[1] if len(a) == 3 else None, a[-1], **kw)  # noqa: E731
+    default = unpack(by_pallas, interpret=True) if how == "pallas" else unpack(by_xla)
+    return jax.lax.platform_dependent(*args, cuda=unpack(by_pallas), default=default)
+
+
 class RMSNorm(nn.Module):
+    """RMSNorm of the residual stream after a sublayer's output is added to it:
+    ``(x, delta) -> (x + delta, RMSNorm(x + delta) * scale)`` (delta None: nothing added)."""
     eps: float
     dtype: Any = jnp.bfloat16
+    how: str = "auto"  # see NORM
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, delta=None):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.dtype)
-        xf = x.astype(jnp.float32)
-        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
-        return scale * normed.astype(self.dtype)
+        return residual_rms_norm(x, delta, scale, self.eps, self.how)
 
 
 def make_dense(features: int, name: str, axes: tuple, quant: Optional[dict], dtype) -> nn.Module:
@@ -282,13 +353,17 @@ class Block(nn.Module):
     quant: Optional[dict] = None
     dtype: Any = jnp.bfloat16
     attention: str = "auto"  # see ATTENTION
+    norm: str = "auto"  # see NORM
 
     @nn.compact
-    def __call__(self, x, cache, pos):
-        """x [B, T, dim]; cache (k, v) each [B, S, kv_heads, head_dim]; pos: int32 scalar."""
+    def __call__(self, x, cache, pos, delta=None):
+        """x [B, T, dim]: the residual stream; delta [B, T, dim] or None: the block before's
+        output, still to be added to x (the add runs in this block's first norm); cache (k, v)
+        each [B, S, kv_heads, head_dim]; pos: int32 scalar. Returns (x, delta, cache): the
+        stream before this block's MLP output, that output (still to be added), the cache."""
         cfg, q = self.cfg, self.quant
         b, t, _ = x.shape
-        h = RMSNorm(cfg.norm_eps, self.dtype, name="attn_norm")(x)
+        x, h = RMSNorm(cfg.norm_eps, self.dtype, self.norm, name="attn_norm")(x, delta)
         group = cfg.heads // cfg.kv_heads
         # One fused q/k/v projection (one qgemm call instead of three). Its features are
         # [kv_heads, group + 2, head_dim]: each KV head's `group` query heads, then its key
@@ -300,15 +375,16 @@ class Block(nn.Module):
         cache_k = constrain(cache_k, ("batch", None, "kv_heads", None))
         cache_v = constrain(cache_v, ("batch", None, "kv_heads", None))
         attn = attn.reshape(b, t, cfg.heads * cfg.head_dim)
-        x = x + make_dense(cfg.dim, "o", ("heads", "embed"), q, self.dtype)(attn)
-        h = RMSNorm(cfg.norm_eps, self.dtype, name="mlp_norm")(x)
+        out = make_dense(cfg.dim, "o", ("heads", "embed"), q, self.dtype)(attn)
+        x, h = RMSNorm(cfg.norm_eps, self.dtype, self.norm, name="mlp_norm")(x, out)
         # One fused gate/up projection, features [hidden, 2] (gate and up interleaved per
         # hidden unit), so any contiguous split over devices keeps each pair together.
         gate_up = make_dense(2 * cfg.hidden, "gate_up", ("embed", "mlp"), q, self.dtype)(h)
         gate_up = gate_up.reshape(b, t, cfg.hidden, 2)
         mid = constrain(jax.nn.silu(gate_up[..., 0]) * gate_up[..., 1], ("batch", None, "mlp"))
-        x = x + make_dense(cfg.dim, "down", ("mlp", "embed"), q, self.dtype)(mid)
-        return constrain(x, ("batch", None, "embed")), (cache_k, cache_v)
+        out = make_dense(cfg.dim, "down", ("mlp", "embed"), q, self.dtype)(mid)
+        axes = ("batch", None, "embed")
+        return constrain(x, axes), constrain(out, axes), (cache_k, cache_v)
 
 
 class Llama(nn.Module):
@@ -317,6 +393,7 @@ class Llama(nn.Module):
     quantize_head: bool = False
     dtype: Any = jnp.bfloat16
     attention: str = "auto"  # see ATTENTION
+    norm: str = "auto"  # see NORM
 
     @nn.compact
     def __call__(self, tokens, cache, pos):
@@ -325,11 +402,12 @@ class Llama(nn.Module):
         embed = nn.Embed(cfg.vocab, cfg.dim, dtype=self.dtype, param_dtype=self.dtype, name="embed",
                          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")))
         x = constrain(embed(tokens), ("batch", None, "embed"))
-        new_cache = []
+        new_cache, delta = [], None
         for i in range(cfg.layers):
-            x, layer_cache = Block(cfg, self.quant, self.dtype, self.attention, name=f"layers_{i}")(x, cache[i], pos)
+            x, delta, layer_cache = Block(cfg, self.quant, self.dtype, self.attention, self.norm,
+                                          name=f"layers_{i}")(x, cache[i], pos, delta)
             new_cache.append(layer_cache)
-        x = RMSNorm(cfg.norm_eps, self.dtype, name="norm")(x)
+        _, x = RMSNorm(cfg.norm_eps, self.dtype, self.norm, name="norm")(x, delta)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
@@ -588,30 +666,33 @@ BENCH_VARIANTS = {
 }
 
 
-def bench_variant(cfg: Config, dense: dict, name: str, attention: str = "auto") -> tuple[Llama, dict]:
+def bench_variant(cfg: Config, dense: dict, name: str, attention: str = "auto", norm: str = "auto") -> tuple[Llama, dict]:
     """The model and params of benchmark variant ``name`` (NF table), from the bf16 params."""
     quant, head = BENCH_VARIANTS[name]
     params = dense if quant is None else quantize(dense, **quant, quantize_head=head)
-    model = Llama(cfg, quant=None if quant is None else dict(quant, table="nf"), quantize_head=head, attention=attention)
+    model = Llama(cfg, quant=None if quant is None else dict(quant, table="nf"), quantize_head=head, attention=attention,
+                  norm=norm)
     return model, params
 
 
 def run_bench(cfg: Config, seed: int, batches=(1, 4, 16), context: int = 512, steps: int = 32,
-              modes=("step", "loop"), variants=tuple(BENCH_VARIANTS), attention: str = "auto") -> list[dict]:
+              modes=("step", "loop"), variants=tuple(BENCH_VARIANTS), attention: str = "auto",
+              norm: str = "auto") -> list[dict]:
     """tokens/s of every variant at every batch size, per mode ("step": a host call per token,
     "loop": ``steps`` tokens per call), with the speed-up over bf16 in the same mode. Every
-    variant, bf16 included, runs its attention layers by ``attention`` (see ``ATTENTION``)."""
+    variant, bf16 included, runs its attention layers by ``attention`` (see ``ATTENTION``) and
+    its norms by ``norm`` (``NORM``)."""
     dense = nn.meta.unbox(random_params(cfg, seed))
     rows = []
     for name in variants:
-        model, params = bench_variant(cfg, dense, name, attention)
+        model, params = bench_variant(cfg, dense, name, attention, norm)
         for mode in modes:
             for batch in batches:
                 tps = bench_decode(model, params, batch, context, steps, loop=mode == "loop")
                 rows.append({"variant": name, "mode": mode, "batch": batch, "context": context, "attention": attention,
-                             "tokens_per_s": tps})
-                print(f"{name:14s} {mode:4s} batch {batch:3d} context {context} attention {attention}: {tps:9.1f} tokens/s",
-                      flush=True)
+                             "norm": norm, "tokens_per_s": tps})
+                print(f"{name:14s} {mode:4s} batch {batch:3d} context {context} attention {attention} norm {norm}: "
+                      f"{tps:9.1f} tokens/s", flush=True)
         del params  # free a quantized copy before the next variant is made
     base = {(r["mode"], r["batch"]): r["tokens_per_s"] for r in rows if r["variant"] == "bf16"}
     for r in rows:
@@ -641,6 +722,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--attention", default="auto", choices=ATTENTION,
                     help="decode steps' attention layers: Pallas kernels on NVIDIA GPUs (auto), pallas, cudnn, or xla "
                          "(see ATTENTION in this file)")
+    ap.add_argument("--norm", default="auto", choices=NORM,
+                    help="residual adds and RMSNorms: one Pallas kernel each on NVIDIA GPUs (auto), pallas, or xla "
+                         "(see NORM in this file)")
     ap.add_argument("--bench-modes", default="step,loop",
                     help="step: one host call per token; loop: 32 tokens per call (lax.scan on the device)")
     args = ap.parse_args(argv)
@@ -655,12 +739,13 @@ def main(argv=None) -> dict:
         if args.bench:
             return {"bench": run_bench(cfg, args.seed, tuple(int(b) for b in args.bench_batches.split(",")), args.context,
                                       modes=tuple(args.bench_modes.split(",")),
-                                      variants=tuple(args.bench_variants.split(",")), attention=args.attention)}
+                                      variants=tuple(args.bench_variants.split(",")), attention=args.attention,
+                                      norm=args.norm)}
         dense = nn.meta.unbox(random_params(cfg, args.seed))
     quant = dict(bits=args.bits, group_size=args.group_size, table=args.table)
     qparams = quantize(dense, args.bits, args.group_size, args.table, args.quantize_head)
-    dense_model = Llama(cfg, attention=args.attention)
-    flute_model = Llama(cfg, quant=quant, quantize_head=args.quantize_head, attention=args.attention)
+    dense_model = Llama(cfg, attention=args.attention, norm=args.norm)
+    flute_model = Llama(cfg, quant=quant, quantize_head=args.quantize_head, attention=args.attention, norm=args.norm)
 
     if args.prompt_ids:
         prompt = np.array([[int(t) for t in args.prompt_ids.split(",")]], np.int32)

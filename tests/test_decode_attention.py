@@ -201,13 +201,13 @@ def test_per_device_under_a_mesh(rng):
 
 
 def test_tensor_parallel_decode_step_collectives():
-    """The quantized tiny model's decode step on a (data 2, model 4) mesh with the Pallas attention:
-    one all-reduce per row-parallel layer (o and down) and no other collective."""
+    """The quantized tiny model's decode step on a (data 2, model 4) mesh with the Pallas attention
+    and norm kernels: one all-reduce per row-parallel layer (o and down) and no other collective."""
     cfg = llama.CONFIGS["tiny"]
     quant = dict(bits=4, group_size=64, table="nf")
     mesh = tp_inference.make_mesh(jax.devices("cpu"), 2, 4)
     params = llama.init_params(cfg, 0, quant, dtype=jnp.bfloat16, mesh=mesh, rules=tp_inference.RULES)
-    model = llama.Llama(cfg, quant=quant, dtype=jnp.bfloat16, attention="pallas")
+    model = llama.Llama(cfg, quant=quant, dtype=jnp.bfloat16, attention="pallas", norm="pallas")
     step = jax.jit(lambda p, tok, cache, pos: model.apply({"params": p}, tok, cache, pos))
     place = tp_inference.placer(mesh)
     with tp_inference.mesh_context(mesh), nn.logical_axis_rules(tp_inference.RULES):

@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="n
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import llama  # noqa: E402
 from test_decode_attention import random_step, reference_step  # noqa: E402
+from test_residual_norm import reference as reference_norm  # noqa: E402
 
 
 def reference_attention(query, cache_k, cache_v, pos: int) -> np.ndarray:
@@ -139,7 +140,8 @@ def test_decode_loop_matches_xla(how):
     dense = nn.meta.unbox(llama.random_params(cfg, seed=11))
     params = llama.quantize(dense, bits=4, group_size=64)
     quant = dict(bits=4, group_size=64, table="nf")
-    models = {h: llama.Llama(cfg, quant=quant, attention=h) for h in (how, "xla")}
+    # (the reference takes XLA's ops for its norms too; the other model Pallas' norm kernel)
+    models = {h: llama.Llama(cfg, quant=quant, attention=h, norm="auto" if h == how else "xla") for h in (how, "xla")}
     prompt = np.random.default_rng(4).integers(0, cfg.vocab, (3, 5)).astype(np.int32)
     logits = {}
     for h, model in models.items():
@@ -173,3 +175,29 @@ def test_pallas_pos_past_the_cache_is_its_last_row(rng):
     np.testing.assert_array_equal(new_k, ref_k)
     np.testing.assert_array_equal(new_v, ref_v)
     assert rel_error(out, np.asarray(ref.astype(jnp.float32), np.float64)) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (16, 1, 4096), (2, 7, 8192), (5, 1, 512)])
+def test_pallas_norm_matches_reference(rng, dtype, shape):
+    """Compiled residual add + RMSNorm (residual_norm.py): the sum exactly rounded, the normed
+    rows against float64, the same bits every run; also without a residual."""
+    norm = jax.jit(lambda x, d, s: llama.residual_rms_norm(x, d, s, 1e-5, "pallas"))
+    for delta_too in (True, False):  # fresh inputs for each
+        x = jnp.asarray(rng.standard_normal(shape) * 3, dtype)
+        delta = jnp.asarray(rng.standard_normal(shape), dtype) if delta_too else None
+        scale = jnp.asarray(rng.standard_normal(shape[-1:]) * 0.2 + 1, dtype)
+        total, normed = norm(x, delta, scale)
+        ref_total, ref = reference_norm(x, delta, scale, 1e-5)
+        np.testing.assert_array_equal(total, ref_total)
+        assert rel_error(normed, ref) < (1e-2 if dtype == jnp.bfloat16 else 2e-3)
+        np.testing.assert_array_equal(norm(x, delta, scale)[1], normed)
+
+
+def test_auto_norm_lowers_to_pallas():
+    x = jnp.zeros((2, 1, 4096), jnp.bfloat16)
+    scale = jnp.ones((4096,), jnp.bfloat16)
+    f = jax.jit(lambda x, d, s: llama.residual_rms_norm(x, d, s, 1e-5, "auto"))
+    assert "triton" in f.lower(x, x, scale).as_text()
+    odd = jnp.zeros((2, 1, 3072), jnp.bfloat16)  # not a power of two: XLA's ops
+    assert "triton" not in f.lower(odd, odd, jnp.ones((3072,), jnp.bfloat16)).as_text()

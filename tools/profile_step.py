@@ -44,6 +44,8 @@ def kind_of(name: str) -> str:
         return "memcpy"
     if "decode_attention" in name:
         return "attention (pallas)"
+    if "rms_norm" in name:
+        return "norm (pallas)"
     if any(s in name.lower() for s in ("cudnn", "fmha", "sdpa", "flash")):
         return "attention (cudnn)"
     if "gemm" in name or "dot" in name or "cublas" in name.lower() or "nvjet" in name:
@@ -100,15 +102,16 @@ def main(argv=None) -> None:
     ap.add_argument("--variants", default="bf16,4bit-g128,4bit-g128-head")
     ap.add_argument("--top", type=int, default=12, help="longest kernels to list per variant")
     ap.add_argument("--attention", default="auto", choices=llama.ATTENTION, help="decode steps' attention layers (llama.ATTENTION)")
+    ap.add_argument("--norm", default="auto", choices=llama.NORM, help="residual adds and RMSNorms (llama.NORM)")
     ap.add_argument("--mode", default="step", choices=("step", "loop"),
                     help="step: one jitted call per token; loop: the on-device decode loop of --steps tokens")
     args = ap.parse_args(argv)
     cfg = llama.CONFIGS[args.config]
     dense = nn.meta.unbox(llama.random_params(cfg, 0))
     for name in args.variants.split(","):
-        model, params = llama.bench_variant(cfg, dense, name, args.attention)
+        model, params = llama.bench_variant(cfg, dense, name, args.attention, args.norm)
         r = profile(model, params, args.batch, args.context, args.steps, args.mode)
-        print(f"== {name} batch {args.batch} attention {args.attention} mode {args.mode}: wall {r['wall_us']:.0f} us/step ({args.batch * 1e6 / r['wall_us']:.1f} tok/s), "
+        print(f"== {name} batch {args.batch} attention {args.attention} norm {args.norm} mode {args.mode}: wall {r['wall_us']:.0f} us/step ({args.batch * 1e6 / r['wall_us']:.1f} tok/s), "
               f"host enqueue {r['dispatch_us']:.0f} us, device busy {r['busy_us']:.0f} us, span {r['span_us']:.0f} us, {r['kernels_per_step']:.0f} kernels/step")
         for kind, (us, count) in sorted(r["by_kind"].items(), key=lambda kv: -kv[1][0]):
             print(f"   {kind:14s} {us:8.1f} us/step  {count / args.steps:6.0f} kernels/step  {us / max(count / args.steps, 1):7.2f} us each")
