@@ -21,7 +21,8 @@ convert with one ``flute_jax.nn.quantize_params`` call. The lm head stays bf16 u
 ``--quantize-head``. A decode step's attention layer (rotary embedding, cache update,
 attention) runs as two Pallas kernels on NVIDIA GPUs (decode_attention.py; ``--attention
 auto``), else by XLA's ops (``--attention xla``; ``cudnn`` puts cuDNN's kernel on the
-attention itself), in every variant. Kernels carry logical axis names (embed, heads, mlp, vocab) that tp_inference.py
+attention itself), in every variant, and each residual add with the RMSNorm after it as one
+Pallas kernel (residual_norm.py; ``--norm auto``, or ``xla``). Kernels carry logical axis names (embed, heads, mlp, vocab) that tp_inference.py
 maps onto a device mesh.
 
 Weights: random (``--config tiny|8b|70b``) or a Hugging Face Llama safetensors checkpoint
