@@ -379,8 +379,8 @@ __device__ __forceinline__ void ReduceColumn(const Params& p, int cc, int c, T* 
                                              int last_block) {
   const ColumnLane<T, kChunks, kNB> lane(p, c, rows);
   constexpr int kSlot = lane.kMTile * lane.kColumn;
-  // Every part has landed: sum them in block order (deterministic), up to four
-  // 8-token chunks at a time (few registers live, 16 loads in flight).
+  // Every part has landed: sum them in block order (deterministic). The [row][feature]
+  // parts go up to four 8-token chunks at a time (few registers live, 16 loads in flight).
   constexpr int kGroup = kChunks < 4 ? kChunks : 4;
   // The 8-row decode launch loads up to kBatch parts before it sums any, so a column of
   // up to 8 parts costs one L2 round trip: its small shapes have 5-10 parts (8B o at
@@ -391,31 +391,33 @@ __device__ __forceinline__ void ReduceColumn(const Params& p, int cc, int c, T* 
   // kernel, whose lanes hold 8 to 16 values per part, keep the loop below.
   constexpr int kBatch = kChunks == 1 ? 8 : 1;
   if constexpr (lane.kThreadMajor) {
+    // One pass over the parts: each part's kChunks float4s of an N-block are loaded
+    // together, so a column of P parts costs P L2 round trips per N-block, where passes of
+    // four chunks cost kChunks / 4 * P. Parts one at a time (unroll 1) keep the registers
+    // of a 128-row tile in bounds. H200, 4-bit g128, 8 Llama-3 shapes: 1.01x / 1.03x /
+    // 1.02x at M = 64 / 128 / 256, 0.99x at M = 32 (BENCHMARKS.md, "Session 25").
 #pragma unroll
     for (int h = 0; h < kNB; ++h) {
       if (!lane.active(h)) continue;
+      float4 sum[kChunks];
 #pragma unroll
-      for (int i0 = 0; i0 < kChunks; i0 += kGroup) {
-        float4 sum[kGroup];
+      for (int i = 0; i < kChunks; ++i) sum[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 1
+      for (int b = first_block; b <= last_block; ++b) {
+        const float4* part = reinterpret_cast<const float4*>(p.partials + static_cast<int64_t>(SlotOf(b, cc, p)) * kSlot);
 #pragma unroll
-        for (int i = 0; i < kGroup; ++i) sum[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-        for (int b = first_block; b <= last_block; ++b) {
-          const float4* part = reinterpret_cast<const float4*>(p.partials + static_cast<int64_t>(SlotOf(b, cc, p)) * kSlot);
-#pragma unroll
-          for (int i = 0; i < kGroup; ++i) {
-            if (!lane.vec_ok(i0 + i)) continue;
-            const float4 v = __ldcg(part + lane.vec_index(h, i0 + i));
-            sum[i].x += v.x, sum[i].y += v.y, sum[i].z += v.z, sum[i].w += v.w;
-          }
+        for (int i = 0; i < kChunks; ++i) {
+          if (!lane.vec_ok(i)) continue;
+          const float4 v = __ldcg(part + lane.vec_index(h, i));
+          sum[i].x += v.x, sum[i].y += v.y, sum[i].z += v.z, sum[i].w += v.w;
         }
+      }
 #pragma unroll
-        for (int i = 0; i < kGroup; ++i) {
-          lane.store(y, h, i0 + i, 0, sum[i].x);
-          lane.store(y, h, i0 + i, 1, sum[i].y);
-          lane.store(y, h, i0 + i, 2, sum[i].z);
-          lane.store(y, h, i0 + i, 3, sum[i].w);
-        }
+      for (int i = 0; i < kChunks; ++i) {
+        lane.store(y, h, i, 0, sum[i].x);
+        lane.store(y, h, i, 1, sum[i].y);
+        lane.store(y, h, i, 2, sum[i].z);
+        lane.store(y, h, i, 3, sum[i].w);
       }
     }
   } else {
