@@ -347,8 +347,8 @@ struct ColumnLane {
   // per instruction, and only the thread of the same index in the block that sums the
   // column reads them. In the [row][feature] layout, scalar accesses touched four 32-byte
   // segments per instruction and took 4x the instructions (H200, tools/timeline.cu: the
-  // fix-up of 256 x 4096 x 4096 ran 5.6 us of a 27 us kernel). The decode kernel's parts
-  // (one or two chunks) keep the [row][feature] layout, whose trimmed rows it relies on.
+  // fix-up of 256 x 4096 x 4096 ran 5.6 us of a 27 us kernel). The decode kernel's 8- and
+  // 16-row parts (one or two chunks) keep the [row][feature] layout, whose trimmed rows they rely on.
   static constexpr bool kThreadMajor = kChunks >= 4;
   int c, rows, n, n_blocks, warp, r, q, tid;
   __device__ __forceinline__ ColumnLane(const Params& p, int column, int row_count)
@@ -379,17 +379,7 @@ __device__ __forceinline__ void ReduceColumn(const Params& p, int cc, int c, T* 
                                              int last_block) {
   const ColumnLane<T, kChunks, kNB> lane(p, c, rows);
   constexpr int kSlot = lane.kMTile * lane.kColumn;
-  // Every part has landed: sum them in block order (deterministic). The [row][feature]
-  // parts go up to four 8-token chunks at a time (few registers live, 16 loads in flight).
-  constexpr int kGroup = kChunks < 4 ? kChunks : 4;
-  // The 8-row decode launch loads up to kBatch parts before it sums any, so a column of
-  // up to 8 parts costs one L2 round trip: its small shapes have 5-10 parts (8B o at
-  // M = 1: about 9), and the whole kernel waits for the last column's fix-up (H200,
-  // 4096 x 4096, M = 1: fix-up 1.59 -> 1.24 us). Loads past the last part are predicated
-  // off, not repeated: at 8 rows a part is 4 KB a block reads from L2, and repeating the
-  // last one made columns of few parts 3-6% slower. The 16-row launch and the tile
-  // kernel, whose lanes hold 8 to 16 values per part, keep the loop below.
-  constexpr int kBatch = kChunks == 1 ? 8 : 1;
+  // Every part has landed: sum them in block order (deterministic).
   if constexpr (lane.kThreadMajor) {
     // One pass over the parts: each part's kChunks float4s of an N-block are loaded
     // together, so a column of P parts costs P L2 round trips per N-block, where passes of
@@ -421,53 +411,58 @@ __device__ __forceinline__ void ReduceColumn(const Params& p, int cc, int c, T* 
       }
     }
   } else {
+    // The decode kernel's [row][feature] parts: one or two 8-token chunks per lane. The
+    // 8-row launch loads up to kBatch parts before it sums any, so a column of up to 8
+    // parts costs one L2 round trip: its small shapes have 5-10 parts (8B o at M = 1:
+    // about 9), and the whole kernel waits for the last column's fix-up (H200, 4096 x
+    // 4096, M = 1: fix-up 1.59 -> 1.24 us). Loads past the last part are predicated off,
+    // not repeated: at 8 rows a part is 4 KB a block reads from L2, and repeating the last
+    // one made columns of few parts 3-6% slower. The 16-row launch takes one part at a time.
+    constexpr int kBatch = kChunks == 1 ? 8 : 1;
 #pragma unroll
     for (int h = 0; h < kNB; ++h) {
       if (!lane.active(h)) continue;
+      float sum[kChunks][4];
 #pragma unroll
-      for (int i0 = 0; i0 < kChunks; i0 += kGroup) {
-        float sum[kGroup][4];
+      for (int i = 0; i < kChunks; ++i)
 #pragma unroll
-        for (int i = 0; i < kGroup; ++i)
+        for (int j = 0; j < 4; ++j) sum[i][j] = 0.f;
+      if constexpr (kBatch > 1) {
+        for (int b0 = first_block; b0 <= last_block; b0 += kBatch) {
+          float v[kBatch][kChunks][4];
 #pragma unroll
-          for (int j = 0; j < 4; ++j) sum[i][j] = 0.f;
-        if constexpr (kBatch > 1) {
-          for (int b0 = first_block; b0 <= last_block; b0 += kBatch) {
-            float v[kBatch][kGroup][4];
+          for (int bb = 0; bb < kBatch; ++bb) {
+            const bool exists = b0 + bb <= last_block;
+            const float* part = p.partials + static_cast<int64_t>(SlotOf(min(b0 + bb, last_block), cc, p)) * kSlot;
 #pragma unroll
-            for (int bb = 0; bb < kBatch; ++bb) {
-              const bool exists = b0 + bb <= last_block;
-              const float* part = p.partials + static_cast<int64_t>(SlotOf(min(b0 + bb, last_block), cc, p)) * kSlot;
-#pragma unroll
-              for (int i = 0; i < kGroup; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j)
-                  v[bb][i][j] = exists && lane.row_ok(i0 + i, j) ? __ldcg(part + lane.slot_index(h, i0 + i, j)) : 0.f;
-            }
-#pragma unroll
-            for (int bb = 0; bb < kBatch; ++bb)
-              if (b0 + bb <= last_block)
-#pragma unroll
-                for (int i = 0; i < kGroup; ++i)
-#pragma unroll
-                  for (int j = 0; j < 4; ++j) sum[i][j] += v[bb][i][j];
-          }
-        } else {
-#pragma unroll 4
-          for (int b = first_block; b <= last_block; ++b) {
-            const float* part = p.partials + static_cast<int64_t>(SlotOf(b, cc, p)) * kSlot;
-#pragma unroll
-            for (int i = 0; i < kGroup; ++i)
+            for (int i = 0; i < kChunks; ++i)
 #pragma unroll
               for (int j = 0; j < 4; ++j)
-                if (lane.row_ok(i0 + i, j)) sum[i][j] += __ldcg(part + lane.slot_index(h, i0 + i, j));
+                v[bb][i][j] = exists && lane.row_ok(i, j) ? __ldcg(part + lane.slot_index(h, i, j)) : 0.f;
           }
+#pragma unroll
+          for (int bb = 0; bb < kBatch; ++bb)
+            if (b0 + bb <= last_block)
+#pragma unroll
+              for (int i = 0; i < kChunks; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) sum[i][j] += v[bb][i][j];
         }
+      } else {
+#pragma unroll 4
+        for (int b = first_block; b <= last_block; ++b) {
+          const float* part = p.partials + static_cast<int64_t>(SlotOf(b, cc, p)) * kSlot;
 #pragma unroll
-        for (int i = 0; i < kGroup; ++i)
+          for (int i = 0; i < kChunks; ++i)
 #pragma unroll
-          for (int j = 0; j < 4; ++j) lane.store(y, h, i0 + i, j, sum[i][j]);
+            for (int j = 0; j < 4; ++j)
+              if (lane.row_ok(i, j)) sum[i][j] += __ldcg(part + lane.slot_index(h, i, j));
+        }
       }
+#pragma unroll
+      for (int i = 0; i < kChunks; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) lane.store(y, h, i, j, sum[i][j]);
     }
   }
 }
