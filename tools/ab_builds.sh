@@ -14,7 +14,7 @@
 # With PREBUILT=1 the trees come from tools/prebuild.sh, built off the device: nothing is
 # installed, and each tree runs through PYTHONPATH instead.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)  # absolute: runs happen in other folders
 BENCH_ARGS=${BENCH_ARGS:---shapes llama3-8b,llama3-70b --methods flute,xla_dot --calls 20 --m 1,16 --bits 4}
 [ $# -ge 1 ] || { echo "usage: tools/ab_builds.sh TREE [TREE ...]" >&2; exit 2; }
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 ))s]"; }
@@ -44,4 +44,5 @@ for tree in "$@"; do
   [ -s "$OUT/ab_$name.json" ] && { jsons+=("$OUT/ab_$name.json"); labels+=("$name"); }
 done
 [ ${#jsons[@]} -ge 1 ] || exit 1
-(IFS=,; python3 -m flute_jax.bench compare "${jsons[@]}" --labels "${labels[*]}") | tee "$OUT/ab_compare.txt"
+# (from /tmp too: in the repository root `-m` would import the source tree, which has no extension)
+(cd /tmp && IFS=, && python3 -m flute_jax.bench compare "${jsons[@]}" --labels "${labels[*]}") | tee "$OUT/ab_compare.txt"
