@@ -383,16 +383,18 @@ __device__ __forceinline__ void ReduceColumn(const Params& p, int cc, int c, T* 
   if constexpr (lane.kThreadMajor) {
     // One pass over the parts: each part's kChunks float4s of an N-block are loaded
     // together, so a column of P parts costs P L2 round trips per N-block, where passes of
-    // four chunks cost kChunks / 4 * P. Parts one at a time (unroll 1) keep the registers
-    // of a 128-row tile in bounds. H200, 4-bit g128, 8 Llama-3 shapes: 1.01x / 1.03x /
-    // 1.02x at M = 64 / 128 / 256, 0.99x at M = 32 (BENCHMARKS.md, "Session 25").
+    // four chunks cost kChunks / 4 * P. H200, 4-bit g128, 8 Llama-3 shapes: 1.01x / 1.03x /
+    // 1.02x at M = 64 / 128 / 256 (BENCHMARKS.md, "Session 25"). From 8 chunks on, the
+    // parts go one at a time (a 128-row tile's 16 float4s per part fill the registers). At
+    // 4 chunks (32 rows) four parts stay unrolled: one at a time lost 1% there (8B o: 4%).
+    constexpr int kPartsUnrolled = kChunks >= 8 ? 1 : 4;
 #pragma unroll
     for (int h = 0; h < kNB; ++h) {
       if (!lane.active(h)) continue;
       float4 sum[kChunks];
 #pragma unroll
       for (int i = 0; i < kChunks; ++i) sum[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 1
+#pragma unroll kPartsUnrolled
       for (int b = first_block; b <= last_block; ++b) {
         const float4* part = reinterpret_cast<const float4*>(p.partials + static_cast<int64_t>(SlotOf(b, cc, p)) * kSlot);
 #pragma unroll
