@@ -129,13 +129,15 @@ int main(int argc, char** argv) {
   std::vector<double> med_sum(kS - 1, 0.0), max_sum(kS - 1, 0.0);
   double span_sum = 0.0, event_sum = 0.0, entry_spread_sum = 0.0;
   std::vector<unsigned long long> host(plan.grid * kS);
-  const std::vector<unsigned long long> zeros(8192 * kS, 0);
+  std::vector<unsigned long long> zeros(8192 * kS, 0);
+  // The stamps of the kernel that runs: the tile kernel stamps its own translation unit's
+  // copy of the timeline, the decode kernel this one's.
+  auto copy_timeline = [tile](unsigned long long* h, size_t bytes, bool to_device) {
+    if (tile) return TileTimelineCopy(h, bytes, to_device);
+    return to_device ? cudaMemcpyToSymbol(flute::g_timeline, h, bytes) : cudaMemcpyFromSymbol(h, flute::g_timeline, bytes);
+  };
   for (int rep = -3; rep < reps; ++rep) {  // 3 warm-up calls
-    // (the tile kernel stamps its own translation unit's copy of the timeline)
-    if (tile)
-      CHECK(TileTimelineCopy(const_cast<unsigned long long*>(zeros.data()), zeros.size() * 8, true));
-    else
-      CHECK(cudaMemcpyToSymbol(flute::g_timeline, zeros.data(), zeros.size() * 8));
+    CHECK(copy_timeline(zeros.data(), zeros.size() * 8, true));
     if (!hot) CHECK(cudaMemsetAsync(flush, rep & 0xff, flush_bytes, stream));
     CHECK(cudaEventRecord(start, stream));
     CHECK(LaunchQgemmFlute(stream, true, x, codes, scales, table, y, workspace, call_counters, d, plan));
@@ -144,10 +146,7 @@ int main(int argc, char** argv) {
     if (rep < 0) continue;
     float event_ms = 0.f;
     CHECK(cudaEventElapsedTime(&event_ms, start, stop));
-    if (tile)
-      CHECK(TileTimelineCopy(host.data(), host.size() * 8, false));
-    else
-      CHECK(cudaMemcpyFromSymbol(host.data(), flute::g_timeline, host.size() * 8));
+    CHECK(copy_timeline(host.data(), host.size() * 8, false));
     unsigned long long t0 = ~0ull, t_end = 0, last_entry = 0;
     for (int b = 0; b < plan.grid; ++b) {
       t0 = std::min(t0, host[b * kS]);
