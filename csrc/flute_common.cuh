@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "cuda_types.cuh"
+#include "epilogue.h"
 #include "ptx.cuh"
 
 namespace flute_jax {
@@ -36,7 +37,7 @@ struct Params {
   const uint32_t* codes;  // packed codes
   const void* scales;     // [G, N]
   const void* table;      // [2**bits]
-  void* y;                // [M, N] (this launch's rows)
+  void* y;                // [M, y_cols] (this launch's rows)
   float* partials;        // [2 * grid][m_tile][column features] Stream-K partial sums
   int* counters;          // [columns] arrivals per split column: zero at the start, and zero
                           // again at the end (the last arriver resets its column's counter)
@@ -51,6 +52,8 @@ struct Params {
   // Launched as a programmatic dependent of the stream's previous kernel (sm_90), which
   // may have written any operand: every thread waits for it before its first global read.
   int wait_prior;
+  int epilogue;           // Epilogue (epilogue.h): applied where a column's values are stored
+  int y_cols;             // columns of y: N, or N / 2 with the swiglu epilogue
 };
 
 // Developer probe (tools/timeline.cu): with FLUTE_JAX_TIMELINE defined, thread 0
@@ -350,9 +353,9 @@ struct ColumnLane {
   // fix-up of 256 x 4096 x 4096 ran 5.6 us of a 27 us kernel). The decode kernel's 8- and
   // 16-row parts (one or two chunks) keep the [row][feature] layout, whose trimmed rows they rely on.
   static constexpr bool kThreadMajor = kChunks >= 4;
-  int c, rows, n, n_blocks, warp, r, q, tid;
+  int c, rows, n, n_blocks, epilogue, warp, r, q, tid;
   __device__ __forceinline__ ColumnLane(const Params& p, int column, int row_count)
-      : c(column), rows(row_count), n(p.n), n_blocks(p.n_blocks) {
+      : c(column), rows(row_count), n(p.n), n_blocks(p.n_blocks), epilogue(p.epilogue) {
     tid = threadIdx.x;
     const int lane = tid & 31;
     warp = tid >> 5, r = lane >> 2, q = lane & 3;
@@ -369,6 +372,23 @@ struct ColumnLane {
   __device__ __forceinline__ void store(T* y, int h, int i, int j, float v) const {
     const int m = i * 8 + 2 * q + (j & 1), nn = c * kColumn + h * kColumnN + warp * 16 + r + 8 * (j >> 1);
     if (m < rows && nn < n) y[static_cast<int64_t>(m) * n + nn] = FromF32<T>(v);
+  }
+  // Stores the lane's values (h, i, 0..3): plainly, or under the swiglu epilogue (N % 16 == 0)
+  // as two outputs silu(v0) * v2 and silu(v1) * v3, features r (a gate) and r + 8 (its up)
+  // of the N-block being one pair; y then has N / 2 columns.
+  __device__ __forceinline__ void store4(T* y, int h, int i, float v0, float v1, float v2, float v3) const {
+    if (epilogue == kEpilogueSwiglu) {
+      const int m = i * 8 + 2 * q, nn = c * kColumn + h * kColumnN + warp * 16;
+      if (nn >= n) return;
+      T* out = y + static_cast<int64_t>(m) * (n / 2) + nn / 2 + r;
+      if (m < rows) out[0] = FromF32<T>(Swiglu(v0, v2));
+      if (m + 1 < rows) out[n / 2] = FromF32<T>(Swiglu(v1, v3));
+      return;
+    }
+    store(y, h, i, 0, v0);
+    store(y, h, i, 1, v1);
+    store(y, h, i, 2, v2);
+    store(y, h, i, 3, v3);
   }
 };
 
@@ -405,12 +425,7 @@ __device__ __forceinline__ void ReduceColumn(const Params& p, int cc, int c, T* 
         }
       }
 #pragma unroll
-      for (int i = 0; i < kChunks; ++i) {
-        lane.store(y, h, i, 0, sum[i].x);
-        lane.store(y, h, i, 1, sum[i].y);
-        lane.store(y, h, i, 2, sum[i].z);
-        lane.store(y, h, i, 3, sum[i].w);
-      }
+      for (int i = 0; i < kChunks; ++i) lane.store4(y, h, i, sum[i].x, sum[i].y, sum[i].z, sum[i].w);
     }
   } else {
     // The decode kernel's [row][feature] parts: one or two 8-token chunks per lane. The
@@ -462,9 +477,7 @@ __device__ __forceinline__ void ReduceColumn(const Params& p, int cc, int c, T* 
         }
       }
 #pragma unroll
-      for (int i = 0; i < kChunks; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) lane.store(y, h, i, j, sum[i][j]);
+      for (int i = 0; i < kChunks; ++i) lane.store4(y, h, i, sum[i][0], sum[i][1], sum[i][2], sum[i][3]);
     }
   }
 }
@@ -478,8 +491,8 @@ __device__ __noinline__ void ReduceColumnCall(const Params p, int cc, int c, T* 
 }
 
 // End of a segment of Stream-K column cc, which covers feature column c of the
-// rows' outputs at y (`rows` of them, row stride N): acc[h] holds this block's part of the column's
-// outputs for this lane, for the warp's N-block h * 8 + warp of the column (each
+// rows' outputs at y (`rows` of them, row stride p.y_cols): acc[h] holds this block's part of the column's
+// outputs for this lane (stored through p's epilogue), for the warp's N-block h * 8 + warp of the column (each
 // warp owns kNB N-blocks, 128 features apart), in mma accumulator order per
 // 8-token chunk i: acc[h][i][j] = y[8 i + 2 q + (j & 1), feature r + 8 (j >> 1)
 // of the N-block], r = lane / 4, q = lane % 4. A column the block ran whole is
@@ -498,9 +511,7 @@ __device__ __forceinline__ void FinishColumn(const Params& p, int cc, int c, T* 
     for (int h = 0; h < kNB; ++h)
       if (lane.active(h))
 #pragma unroll
-        for (int i = 0; i < kChunks; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) lane.store(y, h, i, j, acc[h][i][j]);
+        for (int i = 0; i < kChunks; ++i) lane.store4(y, h, i, acc[h][i][0], acc[h][i][1], acc[h][i][2], acc[h][i][3]);
     return;
   }
   // (Only rows < `rows` go through the workspace: ColumnLane::kTrimRows.)

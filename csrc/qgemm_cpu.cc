@@ -1,4 +1,5 @@
-// CPU qgemm: y[m, n] = sum_k x[m, k] * table[code(k, n)] * scales[k / group_rows, n].
+// CPU qgemm: y[m, n] = sum_k x[m, k] * table[code(k, n)] * scales[k / group_rows, n]
+// (with the swiglu epilogue, silu(y[m, gate]) * y[m, up] per pair: epilogue.h).
 // The reference the GPU kernels are tested against computes the same function;
 // this one is threaded over N-blocks. Each output element is summed by one
 // thread in ascending k with float32 accumulation, so results are bitwise
@@ -44,7 +45,12 @@ void QgemmNBlocks(const T* x, const uint32_t* codes, const T* scales, const T* t
         const float* wk = &w[k * kBlockN];
         for (int j = 0; j < kBlockN; ++j) acc[j] += xv * wk[j];
       }
-      for (int j = 0; j < cols; ++j) y[m * d.n + n0 + j] = FromFloat<T>(acc[j]);
+      if (d.epilogue == kEpilogueSwiglu) {  // N % 16 == 0: the block's 8 gates, then their 8 ups
+        for (int j = 0; j < kBlockN / 2; ++j)
+          y[m * (d.n / 2) + SwigluColumn(n0 + j)] = FromFloat<T>(Swiglu(acc[j], acc[j + kBlockN / 2]));
+      } else {
+        for (int j = 0; j < cols; ++j) y[m * d.n + n0 + j] = FromFloat<T>(acc[j]);
+      }
     }
   }
 }
@@ -76,9 +82,9 @@ void QgemmThreaded(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::U32>& codes,
 
 ffi::Error QgemmCpuImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U32> codes, ffi::AnyBuffer scales,
                         ffi::AnyBuffer table, ffi::Result<ffi::AnyBuffer> y, int64_t bits,
-                        int64_t group_size) {
+                        int64_t group_size, int64_t epilogue) {
   QgemmDims d;
-  if (ffi::Error err = CheckQgemmArgs(x, codes, scales, table, *y, bits, group_size, &d);
+  if (ffi::Error err = CheckQgemmArgs(x, codes, scales, table, *y, bits, group_size, epilogue, &d);
       err.failure())
     return err;
   if (d.m == 0) return ffi::Error::Success();
@@ -99,8 +105,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QgemmCpu, QgemmCpuImpl,
                                   .Arg<ffi::Buffer<ffi::U32>>()  // packed codes
                                   .Arg<ffi::AnyBuffer>()       // scales [G, N]
                                   .Arg<ffi::AnyBuffer>()       // table [2**bits]
-                                  .Ret<ffi::AnyBuffer>()       // y [M, N]
+                                  .Ret<ffi::AnyBuffer>()       // y [M, N] (swiglu: [M, N/2])
                                   .Attr<int64_t>("bits")
-                                  .Attr<int64_t>("group_size"));
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("epilogue"));   // epilogue.h
 
 }  // namespace flute_jax

@@ -34,8 +34,8 @@ cudaError_t Launch(cudaStream_t stream, const ffi::AnyBuffer& x, const ffi::Buff
 // The checked dimensions of a call and the plan of its CUDA kernel.
 ffi::Error PlanCall(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::U32>& codes, const ffi::AnyBuffer& scales,
                     const ffi::AnyBuffer& table, const ffi::AnyBuffer& y, int64_t bits, int64_t group_size,
-                    int64_t kernel, QgemmDims* d, FlutePlan* plan) {
-  if (ffi::Error err = CheckQgemmArgs(x, codes, scales, table, y, bits, group_size, d); err.failure())
+                    int64_t kernel, int64_t epilogue, QgemmDims* d, FlutePlan* plan) {
+  if (ffi::Error err = CheckQgemmArgs(x, codes, scales, table, y, bits, group_size, epilogue, d); err.failure())
     return err;
   if (kernel != 0 && kernel != 1)
     return ffi::Error::InvalidArgument("flute_qgemm: kernel must be 0 (decode) or 1 (tile), got " +
@@ -47,17 +47,18 @@ ffi::Error PlanCall(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::U32>& codes,
   return ffi::Error::Success();
 }
 
-ffi::ErrorOr<std::unique_ptr<CallCounters>> QgemmCudaInstantiateImpl(int64_t, int64_t, int64_t) {
+ffi::ErrorOr<std::unique_ptr<CallCounters>> QgemmCudaInstantiateImpl(int64_t, int64_t, int64_t, int64_t) {
   return std::make_unique<CallCounters>();
 }
 
 ffi::Error QgemmCudaInitializeImpl(cudaStream_t stream, int32_t device, CallCounters* counters, ffi::AnyBuffer x,
                                    ffi::Buffer<ffi::U32> codes, ffi::AnyBuffer scales, ffi::AnyBuffer table,
                                    ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Buffer<ffi::U8>>, int64_t bits,
-                                   int64_t group_size, int64_t kernel) {
+                                   int64_t group_size, int64_t kernel, int64_t epilogue) {
   QgemmDims d;
   FlutePlan plan;
-  if (ffi::Error err = PlanCall(x, codes, scales, table, *y, bits, group_size, kernel, &d, &plan); err.failure())
+  if (ffi::Error err = PlanCall(x, codes, scales, table, *y, bits, group_size, kernel, epilogue, &d, &plan);
+      err.failure())
     return err;
   if (d.m == 0 || !plan.fast || !CallCountersEnabled()) return ffi::Error::Success();
   const cudaError_t status = counters->Reserve(device, FluteCounterCount(plan), stream);
@@ -70,10 +71,11 @@ ffi::Error QgemmCudaInitializeImpl(cudaStream_t stream, int32_t device, CallCoun
 ffi::Error QgemmCudaImpl(cudaStream_t stream, int32_t device, CallCounters* counters, ffi::AnyBuffer x,
                          ffi::Buffer<ffi::U32> codes, ffi::AnyBuffer scales, ffi::AnyBuffer table,
                          ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Buffer<ffi::U8>> workspace,
-                         int64_t bits, int64_t group_size, int64_t kernel) {
+                         int64_t bits, int64_t group_size, int64_t kernel, int64_t epilogue) {
   QgemmDims d;
   FlutePlan plan;
-  if (ffi::Error err = PlanCall(x, codes, scales, table, *y, bits, group_size, kernel, &d, &plan); err.failure())
+  if (ffi::Error err = PlanCall(x, codes, scales, table, *y, bits, group_size, kernel, epilogue, &d, &plan);
+      err.failure())
     return err;
   if (d.m == 0) return ffi::Error::Success();
   const auto type = x.element_type();
@@ -109,7 +111,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QgemmCudaInstantiate, QgemmCudaInstantiateImpl,
                               ffi::Ffi::BindInstantiate()
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("group_size")
-                                  .Attr<int64_t>("kernel"));
+                                  .Attr<int64_t>("kernel")
+                                  .Attr<int64_t>("epilogue"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QgemmCudaInitialize, QgemmCudaInitializeImpl,
                               ffi::Ffi::BindInitialize()
@@ -124,7 +127,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QgemmCudaInitialize, QgemmCudaInitializeImpl,
                                   .Ret<ffi::Buffer<ffi::U8>>()
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("group_size")
-                                  .Attr<int64_t>("kernel"));
+                                  .Attr<int64_t>("kernel")
+                                  .Attr<int64_t>("epilogue"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QgemmCuda, QgemmCudaImpl,
                               ffi::Ffi::Bind()
@@ -135,11 +139,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QgemmCuda, QgemmCudaImpl,
                                   .Arg<ffi::Buffer<ffi::U32>>()  // packed codes
                                   .Arg<ffi::AnyBuffer>()         // scales [G, N]
                                   .Arg<ffi::AnyBuffer>()         // table [2**bits]
-                                  .Ret<ffi::AnyBuffer>()         // y [M, N]
+                                  .Ret<ffi::AnyBuffer>()         // y [M, N] (swiglu: [M, N/2])
                                   .Ret<ffi::Buffer<ffi::U8>>()   // Stream-K workspace
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("group_size")
-                                  .Attr<int64_t>("kernel"),      // 0 decode (mma.sync), 1 tile (wgmma)
+                                  .Attr<int64_t>("kernel")       // 0 decode (mma.sync), 1 tile (wgmma)
+                                  .Attr<int64_t>("epilogue"),    // epilogue.h
                               {ffi::Traits::kCmdBufferCompatible});
 
 }  // namespace flute_jax

@@ -254,6 +254,8 @@ cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, cons
                              const QgemmDims& d, const FlutePlan& plan) {
   flute::Params p;
   p.wait_prior = 0;
+  p.epilogue = d.epilogue;
+  p.y_cols = static_cast<int>(OutputColumns(d.n, d.epilogue));
   p.codes = codes;
   p.scales = scales;
   p.table = table;
@@ -289,7 +291,7 @@ cudaError_t LaunchQgemmFlute(cudaStream_t stream, bool bf16, const void* x, cons
   for (int64_t m0 = 0; m0 < d.m; m0 += plan.rows_per_launch) {
     p.m = static_cast<int>(std::min<int64_t>(plan.rows_per_launch, d.m - m0));
     p.x = static_cast<const char*>(x) + m0 * d.k * kElementBytes;
-    p.y = static_cast<char*>(y) + m0 * d.n * kElementBytes;
+    p.y = static_cast<char*>(y) + m0 * p.y_cols * kElementBytes;
     const int nb = plan.column_n / kFluteColumnN;
     const cudaError_t status = WithKernel(static_cast<int>(d.bits), bf16, plan.m_blocks, flush, nb, [&](auto kernel, int smem) {
       const cudaError_t s = Prepare(kernel, smem);

@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(kTileThreads, 1)
     release(pending);
     pending = -1;
     const int tile = cc / p.columns, c = cc % p.columns;
-    FinishColumn<T, kChunks, kNB>(p, cc, c, static_cast<T*>(p.y) + static_cast<int64_t>(tile) * kMTile * p.n,
+    FinishColumn<T, kChunks, kNB>(p, cc, c, static_cast<T*>(p.y) + static_cast<int64_t>(tile) * kMTile * p.y_cols,
                                   min(kMTile, p.m - tile * kMTile), acc, &s_is_last);
 #pragma unroll
     for (int h = 0; h < kNB; ++h)

@@ -12,9 +12,10 @@ Model: RMSNorm, rotary embeddings (Hugging Face's rotate-half convention, with L
 frequency scaling when the config has it), grouped-query attention with an explicit KV
 cache, SwiGLU MLP, tied or untied output head. q/k/v run as one fused projection ``qkv``
 (features [kv_heads, group + 2, head_dim]: each KV head's query heads, key, value) and
-gate/up as one ``gate_up`` (features [hidden, 2], gate and up interleaved), as serving stacks
-do: in decode every projection is one memory-bound call, and small calls cost their fixed
-latency. A contiguous tensor-parallel split of the features then gives each device whole
+gate/up as one ``gate_up`` (features [hidden / 8, 2, 8]: gate and up interleaved in blocks of
+8), as serving stacks do: in decode every projection is one memory-bound call, and small calls
+cost their fixed latency. The quantized gate_up kernel also applies silu(gate) * up to its own
+float32 sums (``--mlp fused``, qgemm's ``epilogue="swiglu"``). A contiguous tensor-parallel split of the features then gives each device whole
 KV-head groups (when the degree divides kv_heads) and matching gate/up pairs. Every projection is ``nn.Dense`` (bf16) or,
 with ``quant`` set, ``flute_jax.nn.FluteDense`` under the same name, so the bf16 params
 convert with one ``flute_jax.nn.quantize_params`` call. The lm head stays bf16 unless
@@ -121,6 +122,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, freqs: np.ndarray) -> jax.Arr
 #   xla     XLA's ops.
 NORM = ("auto", "pallas", "xla")
 
+# How a quantized model's MLP gate runs (the bf16 model always runs it after its dot):
+#   fused    in gate_up's FLUTE kernel (qgemm's epilogue="swiglu"): one kernel returns silu(gate) * up
+#   unfused  gate_up's kernel returns [.., 2 hidden]; silu(gate) * up is XLA's fusion after it
+MLP = ("fused", "unfused")
+
 
 def _rms_norm_by_xla(x, delta, scale, eps):
     total = x if delta is None else x + delta
@@ -194,12 +200,17 @@ class RMSNorm(nn.Module):
         return residual_rms_norm(x, delta, scale, self.eps, self.how)
 
 
-def make_dense(features: int, name: str, axes: tuple, quant: Optional[dict], dtype) -> nn.Module:
+def make_dense(features: int, name: str, axes: tuple, quant: Optional[dict], dtype, epilogue: Optional[str] = None):
+    """A Dense, or with ``quant`` a FluteDense, of ``features`` outputs; ``epilogue`` (flute_jax.epilogue)
+    is fused into the FluteDense's kernel (quantized layers only)."""
     # fan-in scaled, so that every random layer moves the residual stream as much as a trained one
     init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes)
     if quant is None:
+        if epilogue is not None:
+            raise ValueError("an epilogue is fused into quantized layers only")
         return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=init, name=name)
-    return fnn.FluteDense(features, use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=init, name=name, **quant)
+    return fnn.FluteDense(features, use_bias=False, dtype=dtype, param_dtype=dtype, kernel_init=init, name=name,
+                          epilogue=epilogue, **quant)
 
 
 def constrain(x, axes):
@@ -355,6 +366,7 @@ class Block(nn.Module):
     dtype: Any = jnp.bfloat16
     attention: str = "auto"  # see ATTENTION
     norm: str = "auto"  # see NORM
+    mlp: str = "fused"  # see MLP
 
     @nn.compact
     def __call__(self, x, cache, pos, delta=None):
@@ -378,11 +390,18 @@ class Block(nn.Module):
         attn = attn.reshape(b, t, cfg.heads * cfg.head_dim)
         out = make_dense(cfg.dim, "o", ("heads", "embed"), q, self.dtype)(attn)
         x, h = RMSNorm(cfg.norm_eps, self.dtype, self.norm, name="mlp_norm")(x, out)
-        # One fused gate/up projection, features [hidden, 2] (gate and up interleaved per
-        # hidden unit), so any contiguous split over devices keeps each pair together.
-        gate_up = make_dense(2 * cfg.hidden, "gate_up", ("embed", "mlp"), q, self.dtype)(h)
-        gate_up = gate_up.reshape(b, t, cfg.hidden, 2)
-        mid = constrain(jax.nn.silu(gate_up[..., 0]) * gate_up[..., 1], ("batch", None, "mlp"))
+        # One fused gate/up projection, features [hidden / 8, 2, 8]: 8 gate units, then the same
+        # 8 up units (flute_jax.epilogue.interleave_gate_up), so a split over devices in whole
+        # 16-feature blocks keeps each pair together, and a FLUTE kernel applies silu(gate) * up
+        # to its own accumulators (epilogue "swiglu").
+        if self.mlp not in MLP:
+            raise ValueError(f"mlp must be one of {MLP}, got {self.mlp!r}")
+        if q is not None and self.mlp == "fused":
+            mid = make_dense(2 * cfg.hidden, "gate_up", ("embed", "mlp"), q, self.dtype, epilogue="swiglu")(h)
+        else:
+            gate_up = make_dense(2 * cfg.hidden, "gate_up", ("embed", "mlp"), q, self.dtype)(h)
+            mid = flute_jax.epilogue.apply(gate_up, "swiglu")
+        mid = constrain(mid, ("batch", None, "mlp"))
         out = make_dense(cfg.dim, "down", ("mlp", "embed"), q, self.dtype)(mid)
         axes = ("batch", None, "embed")
         return constrain(x, axes), constrain(out, axes), (cache_k, cache_v)
@@ -395,6 +414,7 @@ class Llama(nn.Module):
     dtype: Any = jnp.bfloat16
     attention: str = "auto"  # see ATTENTION
     norm: str = "auto"  # see NORM
+    mlp: str = "fused"  # see MLP
 
     @nn.compact
     def __call__(self, tokens, cache, pos):
@@ -405,7 +425,7 @@ class Llama(nn.Module):
         x = constrain(embed(tokens), ("batch", None, "embed"))
         new_cache, delta = [], None
         for i in range(cfg.layers):
-            x, delta, layer_cache = Block(cfg, self.quant, self.dtype, self.attention, self.norm,
+            x, delta, layer_cache = Block(cfg, self.quant, self.dtype, self.attention, self.norm, self.mlp,
                                           name=f"layers_{i}")(x, cache[i], pos, delta)
             new_cache.append(layer_cache)
         _, x = RMSNorm(cfg.norm_eps, self.dtype, self.norm, name="norm")(x, delta)
@@ -603,11 +623,11 @@ def load_hf(directory: str) -> tuple[Config, dict]:
     for i in range(cfg.layers):
         p = f"model.layers.{i}."
         t = lambda name: np.asarray(tensors[p + name]).astype(jnp.bfloat16, copy=False).T  # noqa: E731  [in, out]
-        # the fused layouts of Block: qkv features [kv_heads, group + 2, head_dim], gate_up [hidden, 2]
+        # the fused layouts of Block: qkv features [kv_heads, group + 2, head_dim], gate_up [hidden / 8, 2, 8]
         qkv = np.concatenate([t("self_attn.q_proj.weight").reshape(cfg.dim, cfg.kv_heads, group, d),
                               t("self_attn.k_proj.weight").reshape(cfg.dim, cfg.kv_heads, 1, d),
                               t("self_attn.v_proj.weight").reshape(cfg.dim, cfg.kv_heads, 1, d)], axis=2)
-        gate_up = np.stack([t("mlp.gate_proj.weight"), t("mlp.up_proj.weight")], axis=-1)
+        gate_up = flute_jax.epilogue.interleave_gate_up(t("mlp.gate_proj.weight"), t("mlp.up_proj.weight"))
         params[f"layers_{i}"] = {
             "attn_norm": {"scale": get(p + "input_layernorm.weight")},
             "mlp_norm": {"scale": get(p + "post_attention_layernorm.weight")},
@@ -667,33 +687,34 @@ BENCH_VARIANTS = {
 }
 
 
-def bench_variant(cfg: Config, dense: dict, name: str, attention: str = "auto", norm: str = "auto") -> tuple[Llama, dict]:
+def bench_variant(cfg: Config, dense: dict, name: str, attention: str = "auto", norm: str = "auto",
+                  mlp: str = "fused") -> tuple[Llama, dict]:
     """The model and params of benchmark variant ``name`` (NF table), from the bf16 params."""
     quant, head = BENCH_VARIANTS[name]
     params = dense if quant is None else quantize(dense, **quant, quantize_head=head)
     model = Llama(cfg, quant=None if quant is None else dict(quant, table="nf"), quantize_head=head, attention=attention,
-                  norm=norm)
+                  norm=norm, mlp=mlp)
     return model, params
 
 
 def run_bench(cfg: Config, seed: int, batches=(1, 4, 16), context: int = 512, steps: int = 32,
               modes=("step", "loop"), variants=tuple(BENCH_VARIANTS), attention: str = "auto",
-              norm: str = "auto") -> list[dict]:
+              norm: str = "auto", mlp: str = "fused") -> list[dict]:
     """tokens/s of every variant at every batch size, per mode ("step": a host call per token,
     "loop": ``steps`` tokens per call), with the speed-up over bf16 in the same mode. Every
     variant, bf16 included, runs its attention layers by ``attention`` (see ``ATTENTION``) and
-    its norms by ``norm`` (``NORM``)."""
+    its norms by ``norm`` (``NORM``), and the quantized variants their MLP gate by ``mlp`` (``MLP``)."""
     dense = nn.meta.unbox(random_params(cfg, seed))
     rows = []
     for name in variants:
-        model, params = bench_variant(cfg, dense, name, attention, norm)
+        model, params = bench_variant(cfg, dense, name, attention, norm, mlp)
         for mode in modes:
             for batch in batches:
                 tps = bench_decode(model, params, batch, context, steps, loop=mode == "loop")
                 rows.append({"variant": name, "mode": mode, "batch": batch, "context": context, "attention": attention,
-                             "norm": norm, "tokens_per_s": tps})
-                print(f"{name:14s} {mode:4s} batch {batch:3d} context {context} attention {attention} norm {norm}: "
-                      f"{tps:9.1f} tokens/s", flush=True)
+                             "norm": norm, "mlp": mlp, "tokens_per_s": tps})
+                print(f"{name:14s} {mode:4s} batch {batch:3d} context {context} attention {attention} norm {norm} "
+                      f"mlp {mlp}: {tps:9.1f} tokens/s", flush=True)
         del params  # free a quantized copy before the next variant is made
     base = {(r["mode"], r["batch"]): r["tokens_per_s"] for r in rows if r["variant"] == "bf16"}
     for r in rows:
@@ -726,6 +747,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--norm", default="auto", choices=NORM,
                     help="residual adds and RMSNorms: one Pallas kernel each on NVIDIA GPUs (auto), pallas, or xla "
                          "(see NORM in this file)")
+    ap.add_argument("--mlp", default="fused", choices=MLP,
+                    help="the quantized model's MLP gate: in gate_up's FLUTE kernel (fused) or after it (see MLP in this file)")
     ap.add_argument("--bench-modes", default="step,loop",
                     help="step: one host call per token; loop: 32 tokens per call (lax.scan on the device)")
     args = ap.parse_args(argv)
@@ -741,12 +764,13 @@ def main(argv=None) -> dict:
             return {"bench": run_bench(cfg, args.seed, tuple(int(b) for b in args.bench_batches.split(",")), args.context,
                                       modes=tuple(args.bench_modes.split(",")),
                                       variants=tuple(args.bench_variants.split(",")), attention=args.attention,
-                                      norm=args.norm)}
+                                      norm=args.norm, mlp=args.mlp)}
         dense = nn.meta.unbox(random_params(cfg, args.seed))
     quant = dict(bits=args.bits, group_size=args.group_size, table=args.table)
     qparams = quantize(dense, args.bits, args.group_size, args.table, args.quantize_head)
     dense_model = Llama(cfg, attention=args.attention, norm=args.norm)
-    flute_model = Llama(cfg, quant=quant, quantize_head=args.quantize_head, attention=args.attention, norm=args.norm)
+    flute_model = Llama(cfg, quant=quant, quantize_head=args.quantize_head, attention=args.attention, norm=args.norm,
+                        mlp=args.mlp)
 
     if args.prompt_ids:
         prompt = np.array([[int(t) for t in args.prompt_ids.split(",")]], np.int32)

@@ -2,10 +2,11 @@
 
     qw = flute_jax.quantize(w, bits=4, group_size=64, table="nf")   # w: [K, N]
     y = flute_jax.qgemm(x, qw)                                      # [..., K] -> [..., N]
+    h = flute_jax.qgemm(x, qw_gate_up, epilogue="swiglu")          # silu(gate) * up: [..., N/2]
     w_hat = flute_jax.dequantize(qw)                                # [K, N]
 """
 
-from . import convert, dispatch, tables
+from . import convert, dispatch, epilogue, tables
 from .layout import pack, unpack
 from .ops import qgemm
 from .quantize import QuantizedWeight, dequantize, quantize
@@ -18,6 +19,7 @@ __all__ = [
     "calibrate",
     "convert",
     "dequantize",
+    "epilogue",
     "export_disabled_checks",
     "pack",
     "qgemm",

@@ -17,6 +17,11 @@ operand, and the transpose rule handles that operand:
     with    P[K, N]        = x.T @ ct                          (float32 accumulation)
 
 Codes are integers and get no gradient (their tangent is a symbolic zero).
+
+With an epilogue (:mod:`flute_jax.epilogue`, e.g. ``"swiglu"``) the op is ``e(h)`` with
+``h`` the linear qgemm above; its JVP is the fused primal, ``h`` and ``dh`` from the plain
+primitive, and ``e``'s own JVP (``jax.numpy``, float32) on them, so the transposes only
+ever meet the linear primitive.
 The transposes are plain ``jax.numpy`` code, so they shard, vmap and
 differentiate again (second order) like any JAX code. Every reduction is an
 XLA reduce (no scatter-add), so gradients are deterministic on GPU as well.
@@ -32,6 +37,7 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad
 
+from . import epilogue as epilogues
 from . import layout
 
 
@@ -128,10 +134,12 @@ def _zero_tangent(aval):
 def make_jvp(prim: Primitive):
     """The JVP rule of ``prim`` (multilinear in x, scales and table)."""
 
-    def jvp(primals, tangents, *, bits: int, group_size: int):
+    def jvp(primals, tangents, *, bits: int, group_size: int, epilogue: str):
+        if epilogue != "none":
+            return _epilogue_jvp(primals, tangents, bits=bits, group_size=group_size, epilogue=epilogue)
         x, codes, scales, table = primals
         dx, _, dscales, dtable = tangents
-        params = dict(bits=bits, group_size=group_size)
+        params = dict(bits=bits, group_size=group_size, epilogue="none")
         y = prim.bind(x, codes, scales, table, **params)
         terms = []
         if type(dx) is not ad.Zero:
@@ -147,10 +155,21 @@ def make_jvp(prim: Primitive):
             dy = dy + t
         return y, dy
 
+    def _epilogue_jvp(primals, tangents, *, bits, group_size, epilogue):
+        y = prim.bind(*primals, bits=bits, group_size=group_size, epilogue=epilogue)  # the fused result
+        h, dh = jvp(primals, tangents, bits=bits, group_size=group_size, epilogue="none")
+        if type(dh) is ad.Zero:
+            return y, _zero_tangent(jax.core.get_aval(y))
+        f32 = lambda v: v.astype(jnp.float32)  # noqa: E731  (the kernels apply it in float32)
+        _, dy = jax.jvp(lambda v: epilogues.apply(v, epilogue), (f32(h),), (f32(dh),))
+        return y, dy.astype(y.dtype)
+
     return jvp
 
 
-def _transpose(ct, x, codes, scales, table, *, bits: int, group_size: int):
+def _transpose(ct, x, codes, scales, table, *, bits: int, group_size: int, epilogue: str):
+    if epilogue != "none":
+        raise ValueError(f"flute_qgemm with epilogue {epilogue!r} is not linear; its JVP uses the plain primitive")
     undefined = [ad.is_undefined_primal(v) for v in (x, codes, scales, table)]
     if undefined[1]:
         raise ValueError("flute_qgemm is not linear in its integer codes; they have no cotangent")

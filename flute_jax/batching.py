@@ -26,8 +26,7 @@ def _front(v, d):
 def make_batching_rule(prim: Primitive):
     """The batching rule of ``prim``."""
 
-    def rule(args, dims, *, bits: int, group_size: int):
-        params = dict(bits=bits, group_size=group_size)
+    def rule(args, dims, **params):
         x, codes, scales, table = (_front(v, d) for v, d in zip(args, dims))
         bx, bc, bs, bt = dims
         if bc is None and bs is None and bt is None:

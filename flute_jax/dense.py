@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import autodiff
+from . import epilogue as epilogues
 
 DEQUANT_TARGET = "flute_dequantize"
 
@@ -32,20 +33,22 @@ def dequantize_cuda(codes: jax.Array, scales: jax.Array, table: jax.Array, *, bi
 
 
 def dense_qgemm(x: jax.Array, codes: jax.Array, scales: jax.Array, table: jax.Array, *, bits: int,
-                group_size: int, cuda: bool) -> jax.Array:
+                group_size: int, cuda: bool, epilogue: str = "none") -> jax.Array:
     """``x [M, K] @ W_hat`` -> ``[M, N]`` in x's dtype: one dequantization to x's dtype, then
     XLA's dot with float32 accumulation (the same weight and precision as the transpose
     rule for x). ``cuda``: dequantize with the CUDA kernel and let cuBLAS round its float32
-    accumulators to x's dtype; else dequantize with jax.numpy and dot into float32."""
+    accumulators to x's dtype; else dequantize with jax.numpy and dot into float32.
+    ``epilogue`` (:mod:`flute_jax.epilogue`) applies to the float32 dot, as in the kernels:
+    ``"swiglu"`` gives ``[M, N/2]``."""
     k = x.shape[1]
     if cuda:
         w = dequantize_cuda(codes, scales.astype(x.dtype), table.astype(x.dtype), bits=bits, group_size=group_size, k=k)
         # cuBLAS accumulates 16-bit dots in float32 and rounds once in its epilogue; a
         # float32 result plus a convert would write and re-read [M, N] float32 (at
         # M = 4096, N = 57344: ~0.5 ms on an H100).
-        out_dtype = x.dtype
+        out_dtype = x.dtype if epilogue == "none" else jnp.float32
     else:
         w = autodiff.dequantized(codes, scales, table, bits=bits, group_size=group_size, k=k).astype(x.dtype)
         out_dtype = jnp.float32  # CPU dots of 16-bit types: ask for float32 accumulation explicitly
     y = jnp.dot(x, w, precision=autodiff.dot_precision(x.dtype), preferred_element_type=out_dtype)
-    return y.astype(x.dtype)
+    return epilogues.apply(y, epilogue).astype(x.dtype)

@@ -5,8 +5,9 @@ Operands (all arrays; checked in :mod:`flute_jax.ops` before binding):
   codes  ``uint32[ceil(K/256), ceil(N/16), 128*bits]`` (packed layout)
   scales ``[G, N]`` in x's dtype
   table  ``[2**bits]`` in x's dtype
-Params: ``bits`` and ``group_size`` (K rows per scale group, already resolved from -1).
-Result: ``y [M, N]`` in x's dtype; K comes from x, N from scales.
+Params: ``bits``, ``group_size`` (K rows per scale group, already resolved from -1) and
+``epilogue`` (``"none"`` or ``"swiglu"``, :mod:`flute_jax.epilogue`).
+Result: ``y [M, N]`` in x's dtype (``[M, N/2]`` with ``"swiglu"``); K comes from x, N from scales.
 
 The CPU lowering calls the threaded C++ handler. The CUDA lowering calls the CUDA
 handler with the kernel to run (decode or tile), or dequantizes once (our CUDA
@@ -25,18 +26,19 @@ from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
 from . import _ffi, dispatch
+from . import epilogue as epilogues
 from .dense import dense_qgemm
 
 qgemm_p = Primitive("flute_qgemm")
 
 
-def _abstract_eval(x, codes, scales, table, *, bits: int, group_size: int):
-    return jax.core.ShapedArray((x.shape[0], scales.shape[1]), x.dtype)
+def _abstract_eval(x, codes, scales, table, *, bits: int, group_size: int, epilogue: str):
+    return jax.core.ShapedArray((x.shape[0], epilogues.output_columns(scales.shape[1], epilogue)), x.dtype)
 
 
-def _impl(x, codes, scales, table, *, bits: int, group_size: int):
+def _impl(x, codes, scales, table, *, bits: int, group_size: int, epilogue: str):
     # Eager calls go through a jit of the primitive, which lowers to the FFI call.
-    return jax.jit(functools.partial(qgemm_p.bind, bits=bits, group_size=group_size))(
+    return jax.jit(functools.partial(qgemm_p.bind, bits=bits, group_size=group_size, epilogue=epilogue))(
         x, codes, scales, table
     )
 
@@ -44,11 +46,12 @@ def _impl(x, codes, scales, table, *, bits: int, group_size: int):
 _ffi_lowering = jax.ffi.ffi_lowering(_ffi.QGEMM_TARGET)
 
 
-def _lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
-    return _ffi_lowering(ctx, x, codes, scales, table, bits=np.int64(bits), group_size=np.int64(group_size))
+def _lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int, epilogue: str):
+    return _ffi_lowering(ctx, x, codes, scales, table, bits=np.int64(bits), group_size=np.int64(group_size),
+                         epilogue=np.int64(epilogues.EPILOGUE_CODES[epilogue]))
 
 
-def _cuda_lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
+def _cuda_lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int, epilogue: str):
     x_aval, scales_aval = ctx.avals_in[0], ctx.avals_in[2]
     m, k = x_aval.shape
     path = dispatch.gpu_path(
@@ -56,7 +59,7 @@ def _cuda_lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
         group_size=group_size, dtype=x_aval.dtype.name,
     )
     if path == "dense":
-        dense = functools.partial(dense_qgemm, bits=bits, group_size=group_size, cuda=True)
+        dense = functools.partial(dense_qgemm, bits=bits, group_size=group_size, cuda=True, epilogue=epilogue)
         return mlir.lower_fun(dense, multiple_results=False)(ctx, x, codes, scales, table)
     # The CUDA handler takes a second result: the Stream-K workspace (partial sums,
     # and arrival counters when the call site has none of its own:
@@ -68,7 +71,8 @@ def _cuda_lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
     workspace = jax.core.ShapedArray((max(16, plan["workspace_bytes"]),), np.uint8)
     ctx = ctx.replace(avals_out=[ctx.avals_out[0], workspace])
     y, _ = _ffi_lowering(
-        ctx, x, codes, scales, table, bits=np.int64(bits), group_size=np.int64(group_size), kernel=np.int64(wgmma)
+        ctx, x, codes, scales, table, bits=np.int64(bits), group_size=np.int64(group_size), kernel=np.int64(wgmma),
+        epilogue=np.int64(epilogues.EPILOGUE_CODES[epilogue]),
     )
     return [y]
 

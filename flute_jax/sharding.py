@@ -54,6 +54,7 @@ from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
 from . import autodiff, batching, layout
+from . import epilogue as epilogues
 from .primitive import qgemm_p
 from .quantize import QuantizedWeight, check_group_size, num_groups
 from .tables import check_bits
@@ -120,41 +121,41 @@ qgemm_spmd_p = Primitive("flute_qgemm_spmd")
 lowered through ``custom_partitioning`` so it shards without gathering weights."""
 
 
-def _impl(x, codes, scales, table, *, bits: int, group_size: int):
-    return jax.jit(functools.partial(qgemm_spmd_p.bind, bits=bits, group_size=group_size))(
+def _impl(x, codes, scales, table, *, bits: int, group_size: int, epilogue: str):
+    return jax.jit(functools.partial(qgemm_spmd_p.bind, bits=bits, group_size=group_size, epilogue=epilogue))(
         x, codes, scales, table
     )
 
 
-def _kernel(x, codes, scales, table, bits, group_size):
+def _kernel(x, codes, scales, table, bits, group_size, epilogue):
     """The body of the custom_partitioning op: one kernel call on whole arrays."""
-    return qgemm_p.bind(x, codes, scales, table, bits=bits, group_size=group_size)
+    return qgemm_p.bind(x, codes, scales, table, bits=bits, group_size=group_size, epilogue=epilogue)
 
 
-_partitioned = custom_partitioning(_kernel, static_argnums=(4, 5))
+_partitioned = custom_partitioning(_kernel, static_argnums=(4, 5, 6))
 
 
-def _spmd(x, codes, scales, table, *, bits: int, group_size: int):
-    return _partitioned(x, codes, scales, table, bits, group_size)
+def _spmd(x, codes, scales, table, *, bits: int, group_size: int, epilogue: str):
+    return _partitioned(x, codes, scales, table, bits, group_size, epilogue)
 
 
-def _kernel_kw(x, codes, scales, table, *, bits: int, group_size: int):
-    return _kernel(x, codes, scales, table, bits, group_size)
+def _kernel_kw(x, codes, scales, table, *, bits: int, group_size: int, epilogue: str):
+    return _kernel(x, codes, scales, table, bits, group_size, epilogue)
 
 
 _lower_kernel = mlir.lower_fun(_kernel_kw, multiple_results=False)
 _lower_spmd = mlir.lower_fun(_spmd, multiple_results=False)
 
 
-def _spmd_lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int):
+def _spmd_lowering(ctx, x, codes, scales, table, *, bits: int, group_size: int, epilogue: str):
     # One device: the kernel's custom call and nothing else (custom_partitioning
     # would do the same, but only once it knows the devices).
     lower = _lower_kernel if getattr(ctx.module_context.axis_context, "num_devices", None) == 1 else _lower_spmd
-    return lower(ctx, x, codes, scales, table, bits=bits, group_size=group_size)
+    return lower(ctx, x, codes, scales, table, bits=bits, group_size=group_size, epilogue=epilogue)
 
 
-def _abstract_eval(x, codes, scales, table, *, bits: int, group_size: int):
-    shape = (x.shape[0], scales.shape[1])
+def _abstract_eval(x, codes, scales, table, *, bits: int, group_size: int, epilogue: str):
+    shape = (x.shape[0], epilogues.output_columns(scales.shape[1], epilogue))
     sharding = autodiff._explicit_sharding(x)
     if sharding is None:
         return jax.core.ShapedArray(shape, x.dtype)
@@ -195,7 +196,7 @@ _Dim = Sequence[tuple[str, int]]
 # positions inside one K-block / N-block / block's scale groups (sharding them
 # would cut a packed block). The K-blocks (and x's K when it is not a whole
 # number of blocks) are contracted: a sharding of them becomes a psum.
-_REPLICATED = ("w", "t", "kin", "gin", "nin")
+_REPLICATED = ("w", "t", "kin", "gin", "nin", "yin")
 _REDUCTION = ("k", "kb")
 
 
@@ -231,14 +232,15 @@ def _rule_string(operands: Sequence[Sequence[_Dim]], results: Sequence[Sequence[
     return rule, list(dict.fromkeys(order)), {f: s for f, s in sizes.items() if f not in whole}
 
 
-def _sharding_rule(bits, group_size, mesh, operand_types, result_types):
+def _sharding_rule(bits, group_size, epilogue, mesh, operand_types, result_types):
     """custom_partitioning's ``sharding_rule`` callback: :func:`qgemm_rule` of the operand shapes."""
     del bits, group_size, mesh, result_types
-    return qgemm_rule(*(tuple(mlir.ir.RankedTensorType(o).shape) for o in operand_types))
+    return qgemm_rule(*(tuple(mlir.ir.RankedTensorType(o).shape) for o in operand_types), epilogue=epilogue)
 
 
 def qgemm_rule(
-    x_shape: Sequence[int], codes_shape: Sequence[int], scales_shape: Sequence[int], table_shape: Sequence[int]
+    x_shape: Sequence[int], codes_shape: Sequence[int], scales_shape: Sequence[int], table_shape: Sequence[int],
+    epilogue: str = "none",
 ) -> tuple[str, dict]:
     """Einsum-like rule relating x, codes, scales, table and y, with its keyword
     arguments (factor sizes, reduction and need-replication factors).
@@ -249,6 +251,8 @@ def qgemm_rule(
     must stay replicated. Otherwise the dimensions get unrelated factors, and
     the partition callback sees (and rejects, or replicates) what arrives.
     Size-1 members of compound factors are left out (:func:`_rule_string`).
+    With the swiglu epilogue y's N is (N-blocks, 8 outputs per block): a sharding of the
+    weight's N-blocks shards y alike.
     """
     (m, k), (kb, nb, w), (g, n), (t,) = x_shape, codes_shape, scales_shape, table_shape
     if k == kb * layout.BLOCK_K:
@@ -260,7 +264,9 @@ def qgemm_rule(
         x_k, s_k = [("k", k)], [("g", g)]
     if n == nb * layout.BLOCK_N:
         s_n = y_n = [("nb", nb), ("nin", layout.BLOCK_N)]
-    else:
+        if epilogue == "swiglu":
+            y_n = [("nb", nb), ("yin", layout.BLOCK_N // 2)]
+    else:  # (never with swiglu, which needs N % 16 == 0)
         s_n, y_n = [("ns", n)], [("n", n)]
     rule, order, sizes = _rule_string(
         operands=[[[("m", m)], x_k], [[("kb", kb)], [("nb", nb)], [("w", w)]], [s_k, s_n], [[("t", t)]]],
@@ -313,7 +319,7 @@ def _check_weight_split(k, n, g, group_rows, k_shards, n_shards, k_axes, n_axes)
         )
 
 
-def _partition(bits, group_size, mesh, arg_shapes, result_shape):
+def _partition(bits, group_size, epilogue, mesh, arg_shapes, result_shape):
     x, codes, scales, table = arg_shapes
     for a in arg_shapes:
         if not isinstance(a.sharding, NamedSharding):
@@ -359,11 +365,13 @@ def _partition(bits, group_size, mesh, arg_shapes, result_shape):
     local_group = group_size if g > 1 else k // k_shards
 
     def lower_fn(x, codes, scales, table):
-        y = qgemm_p.bind(x, codes, scales, table, bits=bits, group_size=local_group)
-        if k_axes:
-            # float32 partials: one rounding to the output dtype after the sum.
-            y = lax.psum(y.astype(jnp.float32), k_axes).astype(x.dtype)
-        return y
+        if not k_axes:
+            return qgemm_p.bind(x, codes, scales, table, bits=bits, group_size=local_group, epilogue=epilogue)
+        # float32 partials: one rounding to the output dtype after the sum (and after the
+        # epilogue, which needs the whole sum).
+        y = qgemm_p.bind(x, codes, scales, table, bits=bits, group_size=local_group, epilogue="none")
+        y = lax.psum(y.astype(jnp.float32), k_axes)
+        return epilogues.apply(y, epilogue).astype(x.dtype)
 
     return mesh, lower_fn, out_sharding, arg_shardings
 

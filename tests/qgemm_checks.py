@@ -41,3 +41,30 @@ def check_qgemm(rng, device, k, n, lead, bits, group_size, dtype, table_kind="ra
         again = np.asarray(f(x, qw))
         assert np.array_equal(again.view(np.uint8), np.asarray(y).view(np.uint8)), "not bitwise repeatable"
     return err
+
+
+def reference_swiglu(x, qw) -> np.ndarray:
+    """float64 ``silu(x @ gate) * (x @ up)`` of a weight in the swiglu epilogue's column order."""
+    h = reference_qgemm(x, qw)
+    blocks = h.reshape(h.shape[0], -1, 2, 8)
+    gate, up = blocks[:, :, 0].reshape(h.shape[0], -1), blocks[:, :, 1].reshape(h.shape[0], -1)
+    return gate / (1.0 + np.exp(-gate)) * up
+
+
+def check_swiglu(rng, device, k, n, lead, bits, group_size, dtype, repeats=2):
+    """qgemm(..., epilogue="swiglu") on `device` against the float64 reference, bitwise repeatable."""
+    dtype = jnp.dtype(dtype)
+    qw = jax.device_put(random_weight(rng, k, n, bits, group_size, dtype), device)
+    x = jax.device_put(jnp.asarray(rng.standard_normal((*lead, k)), dtype), device)
+    f = jax.jit(lambda x, qw: fj.qgemm(x, qw, epilogue="swiglu"))
+    y = f(x, qw)
+    assert y.shape == (*lead, n // 2) and y.dtype == dtype
+    assert list(y.devices())[0].platform == device.platform
+    ref = reference_swiglu(np.asarray(x).reshape(-1, k), qw).reshape(*lead, n // 2)
+    err = rel_error(np.asarray(y), ref)
+    assert np.all(np.isfinite(np.asarray(y, np.float32))), "non-finite output on finite input"
+    assert err <= TOLERANCE[dtype.name], f"rel error {err:.3g} > {TOLERANCE[dtype.name]} for {dtype.name}"
+    for _ in range(repeats - 1):
+        again = np.asarray(f(x, qw))
+        assert np.array_equal(again.view(np.uint8), np.asarray(y).view(np.uint8)), "not bitwise repeatable"
+    return err

@@ -85,12 +85,12 @@ def test_ffi_handler_rechecks_shapes(qw):
     with pytest.raises(Exception, match="flute_qgemm: scales must have 4 rows"):
         jax.block_until_ready(
             qgemm_p.bind(x, qw.codes, qw.scales[:3].astype(jnp.float32), qw.table.astype(jnp.float32),
-                         bits=4, group_size=32)
+                         bits=4, group_size=32, epilogue="none")
         )
     with pytest.raises(Exception, match="flute_qgemm: codes must be"):
         jax.block_until_ready(
             qgemm_p.bind(x, qw.codes[:, :2], qw.scales.astype(jnp.float32), qw.table.astype(jnp.float32),
-                         bits=4, group_size=32)
+                         bits=4, group_size=32, epilogue="none")
         )
     with pytest.raises(Exception, match="flute_qgemm: scales, table and y must have x's dtype"):
-        jax.block_until_ready(qgemm_p.bind(x, qw.codes, qw.scales, qw.table, bits=4, group_size=32))
+        jax.block_until_ready(qgemm_p.bind(x, qw.codes, qw.scales, qw.table, bits=4, group_size=32, epilogue="none"))

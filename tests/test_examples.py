@@ -65,6 +65,21 @@ def test_decode_loop_matches_step_by_step():
     assert llama.bench_decode(model, params, 1, context=4, steps=2, loop=True, repeats=1) > 0
 
 
+def test_fused_mlp_gate_matches_unfused():
+    # The quantized model with silu(gate) * up in gate_up's kernel (mlp="fused") against the same
+    # params with the gate after it (mlp="unfused"): the same model up to bf16 roundings.
+    cfg = llama.CONFIGS["tiny"]
+    params = llama.quantize(nn.meta.unbox(llama.random_params(cfg, seed=11)), bits=4, group_size=64)
+    quant = dict(bits=4, group_size=64, table="nf")
+    tokens = np.array([[5, 1, 8, 2, 9, 4]], np.int32)
+    fused = llama.full_logits(llama.Llama(cfg, quant=quant, mlp="fused"), params, tokens)
+    unfused = llama.full_logits(llama.Llama(cfg, quant=quant, mlp="unfused"), params, tokens)
+    rel = np.linalg.norm(fused - unfused) / np.linalg.norm(unfused)
+    assert 0 < rel < 2e-2  # not the same program (rel 0 would mean the option did nothing), the same model
+    with pytest.raises(ValueError, match="mlp must be one of"):
+        llama.full_logits(llama.Llama(cfg, quant=quant, mlp="other"), params, tokens)
+
+
 def hf_llama_tensors(r, vocab: int, dim: int, kv_dim: int, hidden: int, layers: int = 2) -> dict:
     """A Hugging Face Llama checkpoint's tensors ([out, in] Linear weights), drawn with ``r(*shape)``."""
     tensors = {"model.embed_tokens.weight": r(vocab, dim), "model.norm.weight": 1 + r(dim), "lm_head.weight": r(vocab, dim)}
@@ -160,7 +175,7 @@ def test_fused_model_matches_hf_reference(tmp_path, rng):
     cfg, params = llama.load_hf(str(tmp_path))
     assert params["layers_0"]["qkv"]["kernel"].shape == (64, 2 * (4 + 2) * 8)
     assert params["layers_0"]["gate_up"]["kernel"].shape == (64, 2 * 96)
-    # the documented feature orders: qkv [kv_heads, group + 2, head_dim], gate_up [hidden, 2]
+    # the documented feature orders: qkv [kv_heads, group + 2, head_dim], gate_up [hidden / 8, 2, 8]
     group, hd = 4, 8
     for i in range(2):
         p = f"model.layers.{i}."
@@ -170,9 +185,9 @@ def test_fused_model_matches_hf_reference(tmp_path, rng):
                                           tensors[p + "self_attn.q_proj.weight"][j * group * hd:(j + 1) * group * hd].T)
             np.testing.assert_array_equal(qkv[:, j, group], tensors[p + "self_attn.k_proj.weight"][j * hd:(j + 1) * hd].T)
             np.testing.assert_array_equal(qkv[:, j, group + 1], tensors[p + "self_attn.v_proj.weight"][j * hd:(j + 1) * hd].T)
-        gate_up = np.asarray(params[f"layers_{i}"]["gate_up"]["kernel"], np.float32).reshape(64, 96, 2)
-        np.testing.assert_array_equal(gate_up[..., 0], tensors[p + "mlp.gate_proj.weight"].T)
-        np.testing.assert_array_equal(gate_up[..., 1], tensors[p + "mlp.up_proj.weight"].T)
+        gate_up = np.asarray(params[f"layers_{i}"]["gate_up"]["kernel"], np.float32).reshape(64, 96 // 8, 2, 8)
+        np.testing.assert_array_equal(gate_up[:, :, 0].reshape(64, 96), tensors[p + "mlp.gate_proj.weight"].T)
+        np.testing.assert_array_equal(gate_up[:, :, 1].reshape(64, 96), tensors[p + "mlp.up_proj.weight"].T)
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
     tokens = rng.integers(0, 80, 7).astype(np.int32)
     cache = llama.init_cache(cfg, 1, len(tokens), jnp.float32)  # float32 KV cache too

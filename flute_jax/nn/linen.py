@@ -65,6 +65,11 @@ class FluteDense(nn.Module):
       table: ``"nf"``, ``"int"``, ``"fp"`` or an array of ``2**bits`` values.
       kernel_axes: optional logical names ``(k_axis, n_axis)`` of the kernel, for when
         kernel_init carries no partitioning box.
+    Fused output:
+      epilogue: ``None``, or ``"swiglu"``: the layer is a Llama MLP's gate/up projection whose
+        kernel ``[K, features]`` holds gate and up columns in blocks of 8
+        (:func:`flute_jax.epilogue.interleave_gate_up`), and it returns
+        ``silu(x @ gate) * (x @ up)``, ``[..., features // 2]``, from one kernel. No bias.
     """
 
     features: int
@@ -78,6 +83,7 @@ class FluteDense(nn.Module):
     group_size: int = 64
     table: Any = "nf"
     kernel_axes: Optional[tuple] = None
+    epilogue: Optional[str] = None
 
     def _init_kernel(self, rng: jax.Array, shape: tuple[int, int]) -> QuantizedWeight:
         dense = self.kernel_init(rng, shape, self.param_dtype)
@@ -91,9 +97,11 @@ class FluteDense(nn.Module):
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        """``inputs [..., K] -> [..., features]``."""
+        """``inputs [..., K] -> [..., features]`` (``[..., features // 2]`` with ``epilogue="swiglu"``)."""
         if isinstance(self.features, bool) or not isinstance(self.features, int) or self.features < 1:
             raise ValueError(f"FluteDense.features must be a positive int, got {self.features!r}")
+        if self.epilogue is not None and self.use_bias:
+            raise ValueError("FluteDense with an epilogue has no bias: the epilogue runs on x @ W, set use_bias=False")
         inputs = jnp.asarray(inputs)
         if inputs.ndim < 1:
             raise ValueError("FluteDense inputs must have at least one axis [..., K]")
@@ -107,7 +115,7 @@ class FluteDense(nn.Module):
         _common.check_weight(qw, k, self.features, self.bits, self.group_size, f"FluteDense {self.name}")
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         dtype = _common.compute_dtype(self.dtype, inputs, qw.scales, bias)
-        y = qgemm(inputs.astype(dtype), qw)
+        y = qgemm(inputs.astype(dtype), qw, epilogue=self.epilogue)
         if bias is not None:
             y = y + jnp.reshape(bias.astype(dtype), (1,) * (y.ndim - 1) + (-1,))
         return y

@@ -43,7 +43,9 @@ class FluteLinear(nnx.Module):
 
     Arguments as ``nnx.Linear`` (``in_features``, ``out_features``, ``use_bias``, ``dtype``,
     ``param_dtype``, ``precision``, ``kernel_init``, ``bias_init``, ``rngs``,
-    ``kernel_metadata``, ``bias_metadata``), plus ``bits``, ``group_size``, ``table``.
+    ``kernel_metadata``, ``bias_metadata``), plus ``bits``, ``group_size``, ``table`` and
+    ``epilogue`` (``None`` or ``"swiglu"``, as :class:`flute_jax.nn.FluteDense`: the output is
+    then ``[..., out_features // 2]``, and there is no bias).
     ``kernel_init`` draws the dense kernel in ``param_dtype`` and it is quantized at once.
     ``precision`` is accepted for drop-in compatibility; the kernel multiplies exactly with
     float32 accumulation, so it has no effect.
@@ -72,10 +74,13 @@ class FluteLinear(nnx.Module):
         bias: Optional[jax.Array] = None,
         kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        epilogue: Optional[str] = None,
     ):
         for what, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"FluteLinear.{what} must be a positive int, got {value!r}")
+        if epilogue is not None and use_bias:
+            raise ValueError("FluteLinear with an epilogue has no bias: the epilogue runs on x @ W, set use_bias=False")
         if weight is None:
             if rngs is None:
                 raise TypeError("FluteLinear needs rngs= to initialize (or weight= to wrap an existing one)")
@@ -102,6 +107,7 @@ class FluteLinear(nnx.Module):
         self.precision = precision
         self.bits = weight.bits
         self.group_size = weight.group_size
+        self.epilogue = epilogue
 
     @property
     def kernel(self) -> QuantizedWeight:
@@ -116,12 +122,12 @@ class FluteLinear(nnx.Module):
         )
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        """``inputs [..., in_features] -> [..., out_features]``."""
+        """``inputs [..., in_features] -> [..., out_features]`` (``// 2`` with ``epilogue="swiglu"``)."""
         inputs = jnp.asarray(inputs)
         qw = self.kernel
         bias = self.bias[...] if self.bias is not None else None
         dtype = _common.compute_dtype(self.dtype, inputs, qw.scales, bias)
-        y = qgemm(inputs.astype(dtype), qw)
+        y = qgemm(inputs.astype(dtype), qw, epilogue=self.epilogue)
         if bias is not None:
             y = y + jnp.reshape(bias.astype(dtype), (1,) * (y.ndim - 1) + (-1,))
         return y
