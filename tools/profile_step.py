@@ -103,15 +103,16 @@ def main(argv=None) -> None:
     ap.add_argument("--top", type=int, default=12, help="longest kernels to list per variant")
     ap.add_argument("--attention", default="auto", choices=llama.ATTENTION, help="decode steps' attention layers (llama.ATTENTION)")
     ap.add_argument("--norm", default="auto", choices=llama.NORM, help="residual adds and RMSNorms (llama.NORM)")
+    ap.add_argument("--mlp", default="fused", choices=llama.MLP, help="the quantized variants' MLP gate (llama.MLP)")
     ap.add_argument("--mode", default="step", choices=("step", "loop"),
                     help="step: one jitted call per token; loop: the on-device decode loop of --steps tokens")
     args = ap.parse_args(argv)
     cfg = llama.CONFIGS[args.config]
     dense = nn.meta.unbox(llama.random_params(cfg, 0))
     for name in args.variants.split(","):
-        model, params = llama.bench_variant(cfg, dense, name, args.attention, args.norm)
+        model, params = llama.bench_variant(cfg, dense, name, args.attention, args.norm, args.mlp)
         r = profile(model, params, args.batch, args.context, args.steps, args.mode)
-        print(f"== {name} batch {args.batch} attention {args.attention} norm {args.norm} mode {args.mode}: wall {r['wall_us']:.0f} us/step ({args.batch * 1e6 / r['wall_us']:.1f} tok/s), "
+        print(f"== {name} batch {args.batch} attention {args.attention} norm {args.norm} mlp {args.mlp} mode {args.mode}: wall {r['wall_us']:.0f} us/step ({args.batch * 1e6 / r['wall_us']:.1f} tok/s), "
               f"host enqueue {r['dispatch_us']:.0f} us, device busy {r['busy_us']:.0f} us, span {r['span_us']:.0f} us, {r['kernels_per_step']:.0f} kernels/step")
         for kind, (us, count) in sorted(r["by_kind"].items(), key=lambda kv: -kv[1][0]):
             print(f"   {kind:14s} {us:8.1f} us/step  {count / args.steps:6.0f} kernels/step  {us / max(count / args.steps, 1):7.2f} us each")
