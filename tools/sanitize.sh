@@ -12,7 +12,7 @@
 # The sweep covers bits 2/3/4, 8/16/32-row decode launches, K past the last full
 # 256-k unit, N past the last 128-feature column, group sizes 32/64/128/one group, the
 # tile kernel with one and two row tiles, (racecheck) blocks that reuse their pipeline
-# stages many times, and two N-blocks per warp (by rule and forced). Numerical results
+# stages many times, two N-blocks per warp (by rule and forced), and the swiglu epilogue. Numerical results
 # are the GPU tests' job, not this one's.
 # Prints one line per check and exits non-zero if any check reports an error.
 set -uo pipefail
@@ -38,7 +38,7 @@ check() {  # tool, then the timeline arguments: M K N bits group reps [tile]
   (cd "$OUT" && timeout 300 "$SAN" --tool "$tool" --error-exitcode 9 --print-limit 10 "$BIN" "$@") > "$OUT/last.log" 2>&1
   local rc=$?
   cat "$OUT/last.log" >> "$OUT/sanitizer.log"
-  printf '%-10s %-34s rc=%d  %s\n' "$tool" "${FLUTE_JAX_DECODE_NB:+NB=$FLUTE_JAX_DECODE_NB }$*" "$rc" "$(grep -E 'SUMMARY' "$OUT/last.log" | tail -1 | sed 's/=* *//')"
+  printf '%-10s %-34s rc=%d  %s\n' "$tool" "${FLUTE_JAX_DECODE_NB:+NB=$FLUTE_JAX_DECODE_NB }${FLUTE_TIMELINE_EPILOGUE:+$FLUTE_TIMELINE_EPILOGUE }$*" "$rc" "$(grep -E 'SUMMARY' "$OUT/last.log" | tail -1 | sed 's/=* *//')"
   [ $rc -eq 0 ] || failed=1
 }
 : > "$OUT/sanitizer.log"
@@ -62,4 +62,11 @@ FLUTE_JAX_DECODE_NB=2 check memcheck 3 4160 1040 4 64 1
 FLUTE_JAX_DECODE_NB=2 check memcheck 7 1000 296 2 128 1
 FLUTE_JAX_DECODE_NB=2 check racecheck 8 2112 72 3 32 1
 check initcheck 1 4096 4096 4 128 1
+# The fused SwiGLU epilogue (y allocated with exactly N / 2 columns): decode launches of 1, 8 and
+# 16 rows with split columns and a partial last column, two N-blocks, and the tile kernel.
+FLUTE_TIMELINE_EPILOGUE=swiglu check memcheck 1 4096 4096 4 128 1
+FLUTE_TIMELINE_EPILOGUE=swiglu check memcheck 16 4160 1040 3 64 1
+FLUTE_TIMELINE_EPILOGUE=swiglu FLUTE_JAX_DECODE_NB=2 check memcheck 8 2112 1040 4 64 1
+FLUTE_TIMELINE_EPILOGUE=swiglu check memcheck 200 4160 4112 4 64 1 tile
+FLUTE_TIMELINE_EPILOGUE=swiglu check racecheck 64 4096 4096 4 128 1 tile
 exit $failed
