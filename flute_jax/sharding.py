@@ -40,6 +40,7 @@ the same result, so repeated runs give the same bits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -370,31 +371,30 @@ def _partition(bits, group_size, epilogue, mesh, arg_shapes, result_shape):
         # float32 partials: one rounding to the output dtype after the sum (and after the
         # epilogue, which needs the whole sum).
         y = qgemm_p.bind(x, codes, scales, table, bits=bits, group_size=local_group, epilogue="none")
-        y = _psum_float32(y, k_axes, mesh)
-        return epilogues.apply(y, epilogue).astype(x.dtype)
+        with _auto_axes(mesh):
+            y = lax.psum(y.astype(jnp.float32), k_axes)
+            return epilogues.apply(y, epilogue).astype(x.dtype)
 
     return mesh, lower_fn, out_sharding, arg_shardings
 
 
-def _psum_float32(y: jax.Array, axes: tuple[str, ...], mesh) -> jax.Array:
-    """``psum`` of ``y`` in float32 over ``axes``, traced with the mesh's axes Auto.
+def _auto_axes(mesh):
+    """A context in which the local program traces with the mesh's axes Auto.
 
     Under ``jax.set_mesh`` of a mesh with Explicit axes (``jax.make_mesh``'s default),
-    JAX 0.11 traces psum's reduction region with sharding annotations on its scalar adds,
-    and XLA then rejects the all-reduce ("Unsupported reduction computation", seen on CPU).
-    The local program here is per device: its axes need no types.
+    JAX 0.11 annotates every op of the partition's local program with a sharding
+    custom-call: in psum's reduction region XLA then rejects the all-reduce
+    ("Unsupported reduction computation", CPU), and on CUDA the epilogue's ops find no
+    implementation of the "Sharding" custom call (H200, session 26). The local program
+    runs per device: its axes need no types.
     """
-    y = y.astype(jnp.float32)
     use_abstract_mesh = getattr(jax.sharding, "use_abstract_mesh", None)
     axis_type = getattr(jax.sharding, "AxisType", None)
     if use_abstract_mesh is None or axis_type is None:  # older JAX: no typed axes to clear
-        return lax.psum(y, axes)
-    auto = jax.sharding.AbstractMesh(
-        tuple(mesh.shape[a] for a in mesh.axis_names), tuple(mesh.axis_names),
-        axis_types=(axis_type.Auto,) * len(mesh.axis_names),
-    )
-    with use_abstract_mesh(auto):
-        return lax.psum(y, axes)
+        return contextlib.nullcontext()
+    names = tuple(mesh.axis_names)
+    return use_abstract_mesh(jax.sharding.AbstractMesh(
+        tuple(mesh.shape[a] for a in names), names, axis_types=(axis_type.Auto,) * len(names)))
 
 
 _partitioned.def_partition(partition=_partition, sharding_rule=_sharding_rule)
