@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,16 +26,18 @@ def random_weight(rng, k: int, n: int, bits: int, group_size: int, dtype, table_
     )
 
 
-def check_qgemm(rng, device, k, n, lead, bits, group_size, dtype, table_kind="random", repeats=2):
-    """qgemm on `device` against the float64 reference; also bitwise repeatability."""
+def check_qgemm(rng, device, k, n, lead, bits, group_size, dtype, table_kind="random", repeats=2, epilogue=None):
+    """qgemm on `device` against the float64 reference; also bitwise repeatability.
+    ``epilogue="swiglu"``: the fused gate, against :func:`reference_swiglu`."""
     dtype = jnp.dtype(dtype)
     qw = jax.device_put(random_weight(rng, k, n, bits, group_size, dtype, table_kind), device)
     x = jax.device_put(jnp.asarray(rng.standard_normal((*lead, k)), dtype), device)
-    f = jax.jit(fj.qgemm)
+    f = jax.jit(functools.partial(fj.qgemm, epilogue=epilogue))
     y = f(x, qw)
-    assert y.shape == (*lead, n) and y.dtype == dtype
+    n_out, reference = (n // 2, reference_swiglu) if epilogue == "swiglu" else (n, reference_qgemm)
+    assert y.shape == (*lead, n_out) and y.dtype == dtype
     assert list(y.devices())[0].platform == device.platform
-    ref = reference_qgemm(np.asarray(x).reshape(-1, k), qw).reshape(*lead, n)
+    ref = reference(np.asarray(x).reshape(-1, k), qw).reshape(*lead, n_out)
     err = rel_error(np.asarray(y), ref)
     assert np.all(np.isfinite(np.asarray(y, np.float32))), "non-finite output on finite input"
     assert err <= TOLERANCE[dtype.name], f"rel error {err:.3g} > {TOLERANCE[dtype.name]} for {dtype.name}"
@@ -53,18 +57,4 @@ def reference_swiglu(x, qw) -> np.ndarray:
 
 def check_swiglu(rng, device, k, n, lead, bits, group_size, dtype, repeats=2):
     """qgemm(..., epilogue="swiglu") on `device` against the float64 reference, bitwise repeatable."""
-    dtype = jnp.dtype(dtype)
-    qw = jax.device_put(random_weight(rng, k, n, bits, group_size, dtype), device)
-    x = jax.device_put(jnp.asarray(rng.standard_normal((*lead, k)), dtype), device)
-    f = jax.jit(lambda x, qw: fj.qgemm(x, qw, epilogue="swiglu"))
-    y = f(x, qw)
-    assert y.shape == (*lead, n // 2) and y.dtype == dtype
-    assert list(y.devices())[0].platform == device.platform
-    ref = reference_swiglu(np.asarray(x).reshape(-1, k), qw).reshape(*lead, n // 2)
-    err = rel_error(np.asarray(y), ref)
-    assert np.all(np.isfinite(np.asarray(y, np.float32))), "non-finite output on finite input"
-    assert err <= TOLERANCE[dtype.name], f"rel error {err:.3g} > {TOLERANCE[dtype.name]} for {dtype.name}"
-    for _ in range(repeats - 1):
-        again = np.asarray(f(x, qw))
-        assert np.array_equal(again.view(np.uint8), np.asarray(y).view(np.uint8)), "not bitwise repeatable"
-    return err
+    return check_qgemm(rng, device, k, n, lead, bits, group_size, dtype, repeats=repeats, epilogue="swiglu")
