@@ -53,8 +53,8 @@ def output_columns(n: int, epilogue: str) -> int:
 
 def split_gate_up(h: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``h [..., 2 I]`` in the interleaved order -> ``(gate, up)``, each ``[..., I]``."""
-    blocks = h.reshape(*h.shape[:-1], h.shape[-1] // (2 * PAIR_BLOCK), 2, PAIR_BLOCK)
     lead = h.shape[:-1]
+    blocks = h.reshape(*lead, h.shape[-1] // (2 * PAIR_BLOCK), 2, PAIR_BLOCK)
     return blocks[..., 0, :].reshape(*lead, -1), blocks[..., 1, :].reshape(*lead, -1)
 
 
